@@ -1,0 +1,357 @@
+"""RecZero task: the four-step prompt, output parsing, the rule-based reward, rating metrics and classic baselines.
+
+An LLM reads a user's history and a target item, reasons in four tagged blocks (analyze user, analyze
+item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (PAPER.md §2-3, §6).
+
+Simplifications and decisions:
+- The prompt is a plain system + user message list; the tokenizer's chat template renders it (the released
+  code pasted literal Qwen tokens into one string). The wording is our own.
+- Averages are shown rounded to 2 decimals (the released code printed raw floats); whitespace inside
+  free text is collapsed to single spaces so one review cannot break the line layout; empty reviews and
+  summaries are left out of the target item's lists.
+- A valid rating is a plain ASCII decimal ("4", "4.50"): no sign, exponent, fraction or words. Text before
+  the first tag, between blocks and after </rate> is allowed, as in the released code.
+- Metrics score an unparsable output with a caller-given fallback (e.g. the bias baseline); the released
+  code counted such outputs as perfect predictions, which we never do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import Example, Item, Rating
+
+# ---------------------------------------------------------------------------------------------------
+# Tags and prompt
+# ---------------------------------------------------------------------------------------------------
+
+USER_OPEN, USER_CLOSE = "<analyze user>", "</analyze user>"
+ITEM_OPEN, ITEM_CLOSE = "<analyze item>", "</analyze item>"
+MATCH_OPEN, MATCH_CLOSE = "<match>", "</match>"
+RATE_OPEN, RATE_CLOSE = "<rate>", "</rate>"
+TAG_PAIRS = ((USER_OPEN, USER_CLOSE), (ITEM_OPEN, ITEM_CLOSE), (MATCH_OPEN, MATCH_CLOSE), (RATE_OPEN, RATE_CLOSE))
+RATING_SCALE = (1.0, 5.0)
+
+SYSTEM_PROMPT = f"""You predict how much a user will like an item. You receive four fields: user_history (items the \
+user rated before, with what they wrote), user_avg_rating, target_item (its details plus earlier ratings and \
+reviews by other users) and target_item_avg_rating.
+
+Think in four steps, and write each step inside its own pair of tags, in this order:
+1. {USER_OPEN} ... {USER_CLOSE}: work out what this user cares about and how strictly they tend to rate, \
+judging from their history.
+2. {ITEM_OPEN} ... {ITEM_CLOSE}: name the key traits of the target item. Mark each point this user would \
+probably like with [pos] and each point they would probably dislike with [neg].
+3. {MATCH_OPEN} ... {MATCH_CLOSE}: weigh the preferences from step 1 against the [pos] and [neg] points \
+from step 2 and explain how well the item fits this user.
+4. {RATE_OPEN} ... {RATE_CLOSE}: write only the predicted rating, a number from 1 to 5 (decimals such as \
+3.5 are allowed), and nothing else.
+
+Use each pair of tags exactly once."""
+
+
+@dataclass
+class PromptCaps:
+    """Length limits for the user message (counts of history entries, characters per text field)."""
+
+    max_user_history: int = 10
+    max_item_history: int = 10
+    summary_chars: int = 200
+    text_chars: int = 400  # description and reviews
+    title_chars: int = 120
+
+
+def _cut(text: str, cap: int) -> str:
+    """Collapse whitespace, then keep at most `cap` characters, marking a cut with '...'."""
+    text = " ".join(text.split())  # a newline inside a review would otherwise break the field layout
+    # str slicing counts code points, so a cut never splits a multi-byte character.
+    return text if len(text) <= cap else text[:cap].rstrip() + "..."
+
+
+def _avg(value: float) -> str:
+    # Rounded to 2 decimals; the released code printed raw floats such as 3.8571428571428572.
+    return f"{value:.2f}" if math.isfinite(value) else "unknown"
+
+
+def _item_fields(item: Item, caps: PromptCaps, summary: str = "", review: str = "") -> str:
+    """An item's features (plus one interaction's summary and review) as 'Name: value' joined by ' | '."""
+    fields = [
+        ("Title", _cut(item.title, caps.title_chars)),
+        ("Categories", _cut(", ".join(item.categories), caps.text_chars)),
+        ("Brand", _cut(item.brand, caps.title_chars)),
+        ("Price", "" if item.price is None else f"{item.price:.2f}"),
+        ("Summary", _cut(summary, caps.summary_chars)),
+        ("Description", _cut(item.description, caps.text_chars)),
+        ("Review", _cut(review, caps.text_chars)),
+    ]
+    return " | ".join(f"{name}: {value}" for name, value in fields if value)  # empty fields are left out
+
+
+def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
+    """Render the four input fields (PAPER.md §2.3): user history, user average, target item, item average."""
+    user_hist = ex.user_history[-caps.max_user_history :] if caps.max_user_history > 0 else []
+    blocks = []
+    for k, (r, item) in enumerate(user_hist, 1):
+        title = _cut(item.title, caps.title_chars) or f"item {item.item_id}"
+        blocks.append(f"{k}. {title}, {r.rating:.1f};\n" + _item_fields(item, caps, r.summary, r.review))
+    # Target item: fixed features once, then what earlier raters (other users) gave and wrote.
+    item_hist = ex.item_history[-caps.max_item_history :] if caps.max_item_history > 0 else []
+    ratings = ", ".join(f"{r.rating:.1f}" for r in item_hist)
+    reviews = "; ".join(_cut(r.review, caps.text_chars) for r in item_hist if r.review.strip())
+    summaries = "; ".join(_cut(r.summary, caps.summary_chars) for r in item_hist if r.summary.strip())
+    fixed = _item_fields(ex.item, caps) or f"Item: {ex.item.item_id}"
+    target = f"{fixed} | Ratings: [{ratings}] | Reviews: [{reviews}] | Summaries: [{summaries}]"
+    history = "\n\n".join(blocks)
+    return (
+        f"user_history: {history}\n\n"
+        f"user_avg_rating: {_avg(ex.user_avg)}\n\n"
+        f"target_item: {target}\n\n"
+        f"target_item_avg_rating: {_avg(ex.item_avg)}"
+    )
+
+
+def build_messages(ex: Example, caps: PromptCaps = PromptCaps(), system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+    """Chat messages for one example: the system prompt with the four steps, then the rendered inputs."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": render_user_message(ex, caps)}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and reward
+# ---------------------------------------------------------------------------------------------------
+
+# A plain decimal: ASCII digits with an optional fraction. Rejects signs, exponents, "nan", "inf", "4/5"
+# and non-ASCII digits (which Python's float() would accept).
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+@dataclass
+class ParsedOutput:
+    """Result of checking one model output: format validity, the rating if valid, and the first failed check."""
+
+    valid: bool
+    rating: float | None
+    reason: str  # "ok" when valid
+
+
+def parse_output(text: str) -> ParsedOutput:
+    """Check the four-block format and read the rating; linear time, never raises on any str.
+
+    Valid iff every tag occurs exactly once, the blocks come in order user -> item -> match -> rate without
+    overlap, the first three are non-empty, and the rate content is a plain decimal in [1, 5].
+    """
+    positions = []
+    for tag in (t for pair in TAG_PAIRS for t in pair):
+        count = text.count(tag)  # "<rate>" is not a substring of "</rate>", so counts never overlap
+        if count != 1:
+            return ParsedOutput(False, None, f"{'missing' if count == 0 else 'duplicate'} {tag}")
+        positions.append((text.find(tag), tag))
+    # Each tag occurs once, so pairwise order of neighbours in the expected sequence rules out nesting.
+    for (pos_a, tag_a), (pos_b, tag_b) in zip(positions, positions[1:]):
+        if pos_a > pos_b:
+            return ParsedOutput(False, None, f"{tag_b} comes before {tag_a}")
+    contents = []
+    for k in range(0, 8, 2):
+        (start, open_tag), (end, _) = positions[k], positions[k + 1]
+        contents.append(text[start + len(open_tag) : end].strip())
+    for (open_tag, _), content in zip(TAG_PAIRS[:3], contents[:3]):
+        if not content:
+            return ParsedOutput(False, None, f"empty {open_tag}")
+    rate = contents[3]
+    if _PLAIN_NUMBER.fullmatch(rate):
+        value = float(rate)
+        if RATING_SCALE[0] <= value <= RATING_SCALE[1]:
+            return ParsedOutput(True, value, "ok")
+    shown = rate if len(rate) <= 40 else rate[:40] + "..."
+    return ParsedOutput(False, None, f"rate {shown!r} is not a number in [1, 5]")
+
+
+@dataclass
+class RewardConfig:
+    """Reward shape: R_format = +-format_reward, R_answer = 1 - |y - y_hat| / max_error."""
+
+    format_reward: float = 0.5
+    max_error: float = 4.0
+
+
+# RecZero paper: R_format = +-0.5, R_answer = 1 - |y - y_hat| / 4 (max_error 4 inferred from the 1-5 scale).
+# Released code (rec_rate_format.py): +-1 and 1 - |y - y_hat| / 2.
+REWARD_PRESETS = {"paper": RewardConfig(0.5, 4.0), "code": RewardConfig(1.0, 2.0)}
+
+
+@dataclass
+class Reward:
+    """One output's reward and its parts."""
+
+    total: float
+    format: float
+    answer: float
+    valid: bool
+    rating: float | None
+
+
+def compute_reward(text: str, truth: float, cfg: RewardConfig = REWARD_PRESETS["paper"]) -> Reward:
+    """R = R_format + R_answer (RecZero paper; PAPER.md §3). Invalid -> -a; valid -> [a + 1 - 4/max_error, a + 1].
+
+    The range holds for truth in [1, 5]; an invalid output gets R_answer = 0, as in the released code.
+    """
+    parsed = parse_output(text)
+    if not parsed.valid:
+        return Reward(-cfg.format_reward, -cfg.format_reward, 0.0, False, None)
+    answer = 1.0 - abs(truth - parsed.rating) / cfg.max_error  # RecZero paper: R_answer = 1 - |y - y_hat| / max_error
+    return Reward(cfg.format_reward + answer, cfg.format_reward, answer, True, parsed.rating)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RatingMetrics:
+    """MAE / RMSE over all examples (invalid ones scored by a fallback) and over the valid ones only."""
+
+    n: int
+    mae: float
+    rmse: float
+    valid_rate: float
+    mae_valid: float
+    rmse_valid: float
+    pred_std: float
+    true_std: float
+    distinct: int  # distinct scored predictions after rounding to 2 decimals; 1 means a collapsed model
+
+
+def rating_metrics(preds: list[float | None], truths: list[float], fallback: list[float]) -> RatingMetrics:
+    """Score predictions; None (or non-finite) counts as invalid and is replaced by fallback[i].
+
+    The released code replaced an unparsable rating by the ground truth (a free perfect score); we never do.
+    """
+    if not (len(preds) == len(truths) == len(fallback)):
+        raise ValueError(f"length mismatch: {len(preds)} preds, {len(truths)} truths, {len(fallback)} fallbacks")
+    if not preds:
+        raise ValueError("no predictions to score")
+    valid = np.array([p is not None and math.isfinite(p) for p in preds])
+    scored = np.array([p if ok else f for p, f, ok in zip(preds, fallback, valid)], dtype=float)
+    truth = np.asarray(truths, dtype=float)
+    err, v_err = scored - truth, (scored - truth)[valid]
+    mae, rmse = float(np.mean(np.abs(err))), float(np.sqrt(np.mean(err**2)))
+    mae_v = float(np.mean(np.abs(v_err))) if v_err.size else math.nan
+    rmse_v = float(np.sqrt(np.mean(v_err**2))) if v_err.size else math.nan
+    distinct = len(set(np.round(scored, 2).tolist()))
+    return RatingMetrics(len(preds), mae, rmse, float(valid.mean()), mae_v, rmse_v,
+                         float(np.std(scored)), float(np.std(truth)), distinct)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classic baselines
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Baseline:
+    """Shared parts: id -> index maps, the global mean, clipping to the rating scale."""
+
+    def __init__(self, scale: tuple[float, float] = RATING_SCALE):
+        self.scale, self.mu = scale, float(np.mean(scale))
+        self.users: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+
+    def _index(self, train: list[Rating]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not train:
+            raise ValueError("cannot fit on an empty training set")
+        self.users = {u: k for k, u in enumerate(dict.fromkeys(r.user_id for r in train))}
+        self.items = {i: k for k, i in enumerate(dict.fromkeys(r.item_id for r in train))}
+        u = np.array([self.users[r.user_id] for r in train])
+        i = np.array([self.items[r.item_id] for r in train])
+        y = np.array([r.rating for r in train], dtype=float)
+        self.mu = float(y.mean())
+        return u, i, y
+
+    def _raw(self, u: int | None, i: int | None) -> float:
+        return self.mu  # u / i are training indices, None for a user or item never seen in training
+
+    def predict(self, user_id: str, item_id: str) -> float:
+        """Predicted rating clipped to the scale; unknown users/items fall back to the parts that are known."""
+        value = self._raw(self.users.get(user_id), self.items.get(item_id))
+        return float(min(max(value, self.scale[0]), self.scale[1]))
+
+    def predict_many(self, pairs: list[Rating]) -> np.ndarray:
+        """Predictions for the (user_id, item_id) of each rating record."""
+        return np.array([self.predict(r.user_id, r.item_id) for r in pairs])
+
+
+class GlobalMean(_Baseline):
+    """Predicts the mean training rating for everyone."""
+
+    def fit(self, train: list[Rating]) -> GlobalMean:
+        """Store the global mean."""
+        self._index(train)
+        return self
+
+
+class BiasBaseline(_Baseline):
+    """mu + b_u + b_i with L2-damped biases (Koren 2008, "Factorization meets the neighborhood", §2.1)."""
+
+    def __init__(self, reg_user: float = 10.0, reg_item: float = 25.0, iters: int = 5, scale=RATING_SCALE):
+        super().__init__(scale)
+        self.reg_user, self.reg_item, self.iters = reg_user, reg_item, iters
+        self.b_u, self.b_i = np.zeros(0), np.zeros(0)
+
+    def fit(self, train: list[Rating]) -> BiasBaseline:
+        """Alternate the closed-form ridge solutions for item and user biases."""
+        u, i, y = self._index(train)
+        n_u, n_i = np.bincount(u, minlength=len(self.users)), np.bincount(i, minlength=len(self.items))
+        self.b_u = np.zeros(len(self.users))
+        for _ in range(self.iters):
+            # Koren 2008 eq. 2-3: b_i = sum(r - mu - b_u) / (lambda_i + |R(i)|), then b_u likewise.
+            self.b_i = np.bincount(i, y - self.mu - self.b_u[u], len(self.items)) / (self.reg_item + n_i)
+            self.b_u = np.bincount(u, y - self.mu - self.b_i[i], len(self.users)) / (self.reg_user + n_u)
+        return self
+
+    def _raw(self, u: int | None, i: int | None) -> float:
+        return self.mu + (self.b_u[u] if u is not None else 0.0) + (self.b_i[i] if i is not None else 0.0)
+
+
+class MatrixFactorization(BiasBaseline):
+    """Biased MF, r_hat = mu + b_u + b_i + p_u . q_i, trained by mini-batch SGD (Koren et al. 2009)."""
+
+    def __init__(self, factors: int = 16, epochs: int = 20, lr: float = 0.01, reg: float = 0.05,
+                 batch: int = 128, seed: int = 0, scale=RATING_SCALE):
+        super().__init__(scale=scale)
+        self.factors, self.epochs, self.lr, self.reg, self.batch, self.seed = factors, epochs, lr, reg, batch, seed
+
+    def fit(self, train: list[Rating]) -> MatrixFactorization:
+        """Shuffle each epoch and apply the Funk-SVD updates per mini-batch (summed, so close to plain SGD)."""
+        u, i, y = self._index(train)
+        rng = np.random.default_rng(self.seed)
+        self.b_u, self.b_i = np.zeros(len(self.users)), np.zeros(len(self.items))
+        self.p = rng.normal(0.0, 0.1, (len(self.users), self.factors))
+        self.q = rng.normal(0.0, 0.1, (len(self.items), self.factors))
+        lr, reg = self.lr, self.reg
+        for _ in range(self.epochs):
+            order = rng.permutation(len(y))
+            for start in range(0, len(y), self.batch):
+                b = order[start : start + self.batch]
+                ub, ib, pu, qi = u[b], i[b], self.p[u[b]], self.q[i[b]]
+                e = y[b] - (self.mu + self.b_u[ub] + self.b_i[ib] + np.sum(pu * qi, axis=1))
+                # SGD on 0.5 e^2 + 0.5 reg (b_u^2 + b_i^2 + |p_u|^2 + |q_i|^2); add.at sums repeated ids.
+                np.add.at(self.b_u, ub, lr * (e - reg * self.b_u[ub]))
+                np.add.at(self.b_i, ib, lr * (e - reg * self.b_i[ib]))
+                np.add.at(self.p, ub, lr * (e[:, None] * qi - reg * pu))
+                np.add.at(self.q, ib, lr * (e[:, None] * pu - reg * qi))
+        return self
+
+    def _raw(self, u: int | None, i: int | None) -> float:
+        both = u is not None and i is not None  # the factor term needs both; otherwise only biases apply
+        return super()._raw(u, i) + (float(self.p[u] @ self.q[i]) if both else 0.0)
+
+
+def fit_baselines(train: list[Rating], seed: int = 0) -> dict[str, _Baseline]:
+    """Fit the three classic baselines with their default settings."""
+    return {
+        "global_mean": GlobalMean().fit(train),
+        "bias": BiasBaseline().fit(train),
+        "mf": MatrixFactorization(seed=seed).fit(train),
+    }

@@ -1,0 +1,299 @@
+"""Tests for data.py: every reader on tiny hand-written files, strict errors, splits and leak-free histories."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import (FORMATS, DataError, DataFileNotFoundError, Item, Rating, RatingData, build_examples,
+                  load_ratings, split_by_time)
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def rating(user: str, item: str, value: float, time: int) -> Rating:
+    return Rating(user, item, value, time)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_amazon_2014_gzip_with_python_literal_metadata(tmp_path):
+    """Amazon 2014: .json.gz reviews sorted by time; literal-dict metadata with nested categories."""
+    reviews = jsonl([
+        {"reviewerID": "U2", "asin": "B1", "overall": 4.0, "unixReviewTime": 200,
+         "reviewText": "Great\n  album", "summary": "Nice"},
+        {"reviewerID": "U1", "asin": "B1", "overall": 5.0, "unixReviewTime": 100, "reviewText": "x"},
+    ])
+    with gzip.open(tmp_path / "Music_5.json.gz", "wt") as f:
+        f.write(reviews)
+    meta = write(tmp_path / "meta.json", "{'asin': 'B1', 'title': 'Abbey Road', "
+                 "'categories': [['CDs', 'Rock'], ['CDs', 'Pop']], 'price': 12.99, 'brand': 'Apple'}\n"
+                 "not a dict at all\n")
+    data = load_ratings(tmp_path / "Music_5.json.gz", "amazon", meta_path=meta)
+    assert [(r.user_id, r.item_id, r.rating, r.time) for r in data.ratings] == [
+        ("U1", "B1", 5.0, 100), ("U2", "B1", 4.0, 200)]
+    assert data.ratings[1].review == "Great album" and data.ratings[1].summary == "Nice"
+    assert data.items["B1"] == Item("B1", "Abbey Road", ("CDs", "Rock", "Pop"), "Apple", 12.99, "")
+    assert data.name == "Music_5" and data.skipped == 0 and data.scale == (1.0, 5.0)
+
+
+def test_amazon_2018_metadata_fields(tmp_path):
+    """Amazon 2018: `category` list, "$" price strings and list descriptions become Item fields."""
+    write(tmp_path / "r.json", jsonl([{"reviewerID": "U", "asin": "A", "overall": 3, "unixReviewTime": 5}]))
+    write(tmp_path / "m.json", jsonl([{"asin": "A", "title": " T ", "category": ["Books", "SciFi"],
+                                      "price": "$1,012.50", "description": ["a", "b  c"], "brand": "B"},
+                                     {"asin": "Z"}]))
+    data = load_ratings(tmp_path / "r.json", "amazon", tmp_path / "m.json")
+    assert data.items["A"] == Item("A", "T", ("Books", "SciFi"), "B", 1012.5, "a b c")
+    assert data.items["Z"] == Item("Z")  # metadata with missing fields is kept, just empty
+
+
+def test_amazon_2023_millis_parent_asin_and_meta(tmp_path):
+    """Amazon 2023: millisecond timestamps become seconds; parent_asin is the item id, asin the fallback."""
+    write(tmp_path / "Books.jsonl", jsonl([
+        {"user_id": "U", "parent_asin": "P", "asin": "C", "rating": 2.0, "timestamp": 1588615855070,
+         "title": "meh", "text": "too long"},
+        {"user_id": "V", "asin": "Q", "rating": 5, "timestamp": 1000},
+    ]))
+    write(tmp_path / "meta_Books.jsonl", jsonl([
+        {"parent_asin": "P", "title": "Dune", "main_category": "Books", "categories": ["Books", "SF"],
+         "store": "Ace", "price": None, "description": ["Spice."]}]))
+    data = load_ratings(tmp_path / "Books.jsonl", "amazon2023", tmp_path / "meta_Books.jsonl")
+    assert [(r.user_id, r.item_id, r.time) for r in data.ratings] == [("V", "Q", 1), ("U", "P", 1588615855)]
+    assert data.ratings[1].summary == "meh" and data.ratings[1].review == "too long"
+    assert data.items["P"] == Item("P", "Dune", ("Books", "SF"), "Ace", None, "Spice.")
+
+
+def test_movielens_100k_directory_latin1(tmp_path):
+    """ML-100K: a directory with u.data and a Latin-1 u.item; genre flags become categories."""
+    write(tmp_path / "u.data", "1\t10\t4\t881250949\n2\t10\t3\t881250940\n")
+    flags = ["0"] * 19
+    flags[5] = flags[8] = "1"  # Comedy, Drama
+    write(tmp_path / "u.item", "10|Café Society (1995)|01-Jan-1995||http://x|" + "|".join(flags) + "\n",
+          encoding="latin-1")
+    data = load_ratings(tmp_path, "ml-100k")
+    assert [(r.user_id, r.item_id, r.rating, r.time) for r in data.ratings] == [
+        ("2", "10", 3.0, 881250940), ("1", "10", 4.0, 881250949)]
+    assert data.items["10"] == Item("10", "Café Society (1995)", ("Comedy", "Drama"))
+
+
+def test_movielens_1m_directory(tmp_path):
+    """ML-1M: `::`-separated ratings.dat and Latin-1 movies.dat with `|` genres."""
+    write(tmp_path / "ratings.dat", "1::1193::5::978300760\n")
+    write(tmp_path / "movies.dat", "1193::Amélie (2001)::Comedy|Romance\n", encoding="latin-1")
+    data = load_ratings(tmp_path, "ml-1m")
+    assert data.ratings == [Rating("1", "1193", 5.0, 978300760)]
+    assert data.items["1193"] == Item("1193", "Amélie (2001)", ("Comedy", "Romance"))
+
+
+def test_movielens_20m_half_stars_and_quoted_titles(tmp_path):
+    """ML-20M: CSV with header, half-star ratings on a 0.5-5 scale, quoted titles with commas."""
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.5,100\n1,3,0.5,50\n")
+    write(tmp_path / "movies.csv", 'movieId,title,genres\n2,"American President, The (1995)",Comedy|Drama\n'
+          "3,Untitled,(no genres listed)\n")
+    data = load_ratings(tmp_path / "ratings.csv", "ml-20m")
+    assert [(r.item_id, r.rating, r.time) for r in data.ratings] == [("3", 0.5, 50), ("2", 3.5, 100)]
+    assert data.scale == (0.5, 5.0)
+    assert data.items["2"].title == "American President, The (1995)"
+    assert data.items["2"].categories == ("Comedy", "Drama") and data.items["3"].categories == ()
+
+
+def test_yelp_directory(tmp_path):
+    """Yelp: dates become UTC unix seconds; business name, categories and price level fill the Item."""
+    write(tmp_path / "review.json", jsonl([{"review_id": "r", "user_id": "U", "business_id": "B",
+                                            "stars": 4, "date": "2018-07-07 22:09:11", "text": "Yum"}]))
+    write(tmp_path / "business.json", jsonl([
+        {"business_id": "B", "name": "Cafe", "categories": "Coffee & Tea, Bakeries",
+         "attributes": {"RestaurantsPriceRange2": "2"}},
+        {"business_id": "C", "name": "Shop", "categories": None, "attributes": None}]))
+    data = load_ratings(tmp_path, "yelp")
+    assert data.ratings == [Rating("U", "B", 4.0, 1531001351, review="Yum")]
+    assert data.items["B"] == Item("B", "Cafe", ("Coffee & Tea", "Bakeries"), "", 2.0)
+    assert data.items["C"] == Item("C", "Shop")
+
+
+def test_generic_csv_iso_dates_and_item_columns(tmp_path):
+    """Generic CSV: ISO or integer timestamps; optional item columns become items (first row wins)."""
+    write(tmp_path / "r.csv", "user_id,item_id,rating,timestamp,title,categories,price,review\n"
+          'u1,i1,5,2020-01-02,"Tea, green",Food|Drink,3.5,"Loved it"\n'
+          "u2,i1,4,1577836800,Other,,,\n"
+          "u2,i2,1,1577836801,,,,\n")
+    data = load_ratings(tmp_path / "r.csv", "csv")
+    assert [(r.user_id, r.item_id, r.time) for r in data.ratings] == [
+        ("u2", "i1", 1577836800), ("u2", "i2", 1577836801), ("u1", "i1", 1577923200)]
+    assert data.items == {"i1": Item("i1", "Tea, green", ("Food", "Drink"), "", 3.5)}
+    assert data.ratings[2].review == "Loved it"
+
+
+def test_ties_keep_file_order_and_duplicates_are_kept(tmp_path):
+    """Ratings sharing a timestamp keep file order; repeated (user, item) pairs are all kept."""
+    write(tmp_path / "r.csv", "user_id,item_id,rating,timestamp\nb,x,1,5\na,x,2,5\na,x,3,1\n")
+    data = load_ratings(tmp_path / "r.csv", "csv")
+    assert [(r.user_id, r.rating) for r in data.ratings] == [("a", 3.0), ("b", 1.0), ("a", 2.0)]
+
+
+# ---------------------------------------------------------------- bad input
+
+CSV_HEAD = "user_id,item_id,rating,timestamp\n"
+BAD_ROWS = [  # (format, file name, text, substrings the error must contain)
+    ("csv", "ratings.csv", CSV_HEAD + "u,i,5,1\nu,i,6,2\n", ["ratings.csv line 3", "field 'rating'", "'6' is outside the scale 1-5"]),
+    ("csv", "ratings.csv", CSV_HEAD + "u,i,good,1\n", ["line 2", "field 'rating'", "not a number"]),
+    ("csv", "ratings.csv", CSV_HEAD + "u,i,4,yesterday\n", ["line 2", "field 'timestamp'", "'yesterday'"]),
+    ("csv", "ratings.csv", CSV_HEAD + "u,i,4\n", ["line 2", "expected 4 fields, found 3"]),
+    ("csv", "ratings.csv", CSV_HEAD + ",i,4,1\n", ["line 2", "field 'user_id': missing"]),
+    ("amazon", "r.json", '{"reviewerID": "u", "asin": "a", "overall": 5, "unixReviewTime": 1}\n{oops\n',
+     ["r.json line 2", "malformed JSON"]),
+    ("amazon", "r.json", '{"reviewerID": "u", "overall": 5, "unixReviewTime": 1}\n', ["line 1", "field 'asin': missing"]),
+    ("amazon", "r.json", '{"reviewerID": "u", "asin": "a", "overall": 0, "unixReviewTime": 1}\n',
+     ["line 1", "field 'overall'", "outside the scale"]),
+    ("ml-100k", "u.data", "1\t2\t3\t4\n1\t2\t3\n", ["u.data line 2", "expected 4"]),
+    ("ml-1m", "ratings.dat", "1::2::3::4\n1::2::3::nan\n", ["ratings.dat line 2", "field 'timestamp'"]),
+    ("ml-20m", "ratings.csv", "userId,movieId,rating,timestamp\n1,2,5.5,1\n", ["line 2", "field 'rating'", "0.5-5"]),
+    ("yelp", "review.json", '{"user_id": "u", "business_id": "b", "stars": 4, "date": "soon"}\n',
+     ["review.json line 1", "field 'date'"]),
+]
+
+
+@pytest.mark.parametrize("fmt,name,text,expected", BAD_ROWS)
+def test_bad_row_raises_naming_file_line_and_field(tmp_path, fmt, name, text, expected):
+    """Each kind of bad ratings row raises DataError naming the file, the 1-based line and the field."""
+    write(tmp_path / name, text)
+    with pytest.raises(DataError) as err:
+        load_ratings(tmp_path / name, fmt)
+    for part in expected:
+        assert part in str(err.value)
+
+
+@pytest.mark.parametrize("fmt,name,text,expected", BAD_ROWS)
+def test_skip_bad_rows_counts_instead(tmp_path, fmt, name, text, expected):
+    """With skip_bad_rows the same bad rows are dropped and counted, the good ones kept."""
+    write(tmp_path / name, text)
+    data = load_ratings(tmp_path / name, fmt, skip_bad_rows=True)
+    assert data.skipped == 1
+    assert len(data.ratings) == text.count("\n") - 1 - (fmt in ("csv", "ml-20m"))
+
+
+def test_undecodable_bytes(tmp_path):
+    """Bytes that are not UTF-8 in a ratings file are an error on their line (or a counted skip)."""
+    (tmp_path / "r.csv").write_bytes(b"user_id,item_id,rating,timestamp\nu,i,4,1\nu,caf\xe9,4,2\n")
+    with pytest.raises(DataError, match=r"r.csv line 3: bytes that are not valid utf-8"):
+        load_ratings(tmp_path / "r.csv", "csv")
+    data = load_ratings(tmp_path / "r.csv", "csv", skip_bad_rows=True)
+    assert data.skipped == 1 and [r.item_id for r in data.ratings] == ["i"]
+
+
+def test_missing_header_column_and_explicit_scale(tmp_path):
+    """A CSV without a required column fails on line 1; an explicit scale overrides the default."""
+    write(tmp_path / "r.csv", "user,item_id,rating,timestamp\n")
+    with pytest.raises(DataError, match=r"line 1: header lacks column 'user_id'"):
+        load_ratings(tmp_path / "r.csv", "csv")
+    write(tmp_path / "s.csv", CSV_HEAD + "u,i,10,1\n")
+    assert load_ratings(tmp_path / "s.csv", "csv", scale=(1, 10)).ratings[0].rating == 10.0
+
+
+def test_missing_files(tmp_path):
+    """Missing files or standard names raise a DataError that is also a FileNotFoundError."""
+    for call in (lambda: load_ratings(tmp_path / "nope.json", "amazon"),
+                 lambda: load_ratings(tmp_path, "ml-1m"),
+                 lambda: load_ratings(write(tmp_path / "r.json", ""), "amazon", tmp_path / "meta.json")):
+        with pytest.raises(DataFileNotFoundError) as err:
+            call()
+        assert isinstance(err.value, FileNotFoundError) and str(tmp_path) in str(err.value)
+    with pytest.raises(ValueError, match="unknown format"):
+        load_ratings(tmp_path / "r.json", "netflix")
+    assert "amazon2023" in FORMATS
+
+
+# ---------------------------------------------------------------- splits
+
+
+def random_data(seed: int = 0, n: int = 600, users: int = 25, items: int = 15) -> RatingData:
+    """A seeded dataset with many timestamp ties and repeated (user, item) pairs."""
+    rng = np.random.default_rng(seed)
+    rows = [Rating(f"u{rng.integers(users)}", f"i{rng.integers(items)}", float(rng.integers(1, 6)),
+                   int(rng.integers(0, 60))) for _ in range(n)]
+    return RatingData("random", sorted(rows, key=lambda r: r.time), {"i0": Item("i0", "Zero")})
+
+
+def test_user_last_split():
+    """user-last: each user's last rating is test, the one before valid; users with < 3 all train."""
+    data = random_data()
+    data.ratings.append(Rating("solo", "i1", 3.0, 99))
+    split = split_by_time(data, "user-last")
+    by_user = defaultdict(list)
+    for r in data.ratings:
+        by_user[r.user_id].append(r)
+    assert sorted(split.test, key=lambda r: r.user_id) == sorted(
+        (rs[-1] for rs in by_user.values() if len(rs) >= 3), key=lambda r: r.user_id)
+    assert {r.user_id: r for r in split.valid} == {u: rs[-2] for u, rs in by_user.items() if len(rs) >= 3}
+    assert Rating("solo", "i1", 3.0, 99) in split.train
+    assert len(split.train) + len(split.valid) + len(split.test) == len(data.ratings)
+
+
+def test_global_split_respects_ties():
+    """global: sizes are about the fractions, every test time is after every valid/train time."""
+    data = random_data(seed=1)
+    split = split_by_time(data, "global", valid_frac=0.1, test_frac=0.1)
+    assert len(split.train) + len(split.valid) + len(split.test) == len(data.ratings)
+    assert max(r.time for r in split.train) < min(r.time for r in split.valid)
+    assert max(r.time for r in split.valid) < min(r.time for r in split.test)
+    assert len(split.test) >= 60 and len(split.valid) >= 1
+    assert split_by_time(data, "global", 0.0, 0.0).train == data.ratings
+    with pytest.raises(ValueError):
+        split_by_time(data, "random")
+
+
+# ---------------------------------------------------------------- histories
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histories_are_leak_free(seed):
+    """Every history entry is strictly earlier, item history excludes the target user, means are exact."""
+    data = random_data(seed)
+    examples = build_examples(data, data.ratings, min_total=1)
+    assert len(examples) > len(data.ratings) // 2
+    for ex in examples:
+        t = ex.target
+        earlier_user = [r.rating for r in data.ratings if r.user_id == t.user_id and r.time < t.time]
+        earlier_item = [r for r in data.ratings
+                        if r.item_id == t.item_id and r.user_id != t.user_id and r.time < t.time]
+        assert all(r.time < t.time and r.user_id == t.user_id for r, _ in ex.user_history)
+        assert all(r.time < t.time and r.user_id != t.user_id and r.item_id == t.item_id
+                   for r in ex.item_history)
+        assert ex.user_avg == pytest.approx(np.mean(earlier_user))
+        assert ex.item_avg == pytest.approx(np.mean([r.rating for r in earlier_item]))
+        assert ex.item_history == earlier_item[-10:]
+        assert len(ex.user_history) == min(10, len(earlier_user))
+        assert [r.time for r, _ in ex.user_history] == sorted(r.time for r, _ in ex.user_history)
+        assert ex.item.item_id == t.item_id and ex.label == t.rating
+        assert all(item.item_id == r.item_id for r, item in ex.user_history)
+    assert any(item.title == "Zero" for ex in examples for _, item in ex.user_history)
+
+
+def test_build_examples_drops_thin_histories():
+    """Targets with an empty user or item history, or fewer than min_total entries, are dropped."""
+    ratings = [rating("a", "x", 5, 1), rating("b", "x", 4, 2), rating("a", "y", 3, 3),
+               rating("c", "y", 2, 4), rating("a", "x", 1, 5)]
+    data = RatingData("tiny", ratings, {})
+    first_ever, new_item_for_c, repeat = ratings[0], ratings[3], ratings[4]
+    assert build_examples(data, [first_ever], min_total=1) == []  # nothing earlier at all
+    assert build_examples(data, [rating("c", "z", 3, 9)], min_total=1) == []  # item never seen
+    ex = build_examples(data, [new_item_for_c, repeat], min_total=1)
+    assert [e.target for e in ex] == [repeat]  # c had no earlier rating
+    assert [r.user_id for r in ex[0].item_history] == ["b"]  # a's own earlier rating of x excluded
+    assert ex[0].item_avg == 4.0 and ex[0].user_avg == pytest.approx(4.0)
+    assert build_examples(data, [repeat], min_total=5) == []  # 3 + 1 entries < 5
+    assert len(build_examples(data, [repeat], max_user_history=1, min_total=2)[0].user_history) == 1

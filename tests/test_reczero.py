@@ -1,0 +1,328 @@
+"""Tests for reczero.py: output parsing, reward values and range, prompt rendering, metrics, classic baselines."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import Example, Item, Rating  # noqa: E402
+from reczero import (  # noqa: E402
+    REWARD_PRESETS,
+    SYSTEM_PROMPT,
+    BiasBaseline,
+    GlobalMean,
+    MatrixFactorization,
+    PromptCaps,
+    RewardConfig,
+    build_messages,
+    compute_reward,
+    parse_output,
+    rating_metrics,
+    render_user_message,
+)
+
+
+def wrap(rate="4", user="likes jazz", item="[pos] smooth [neg] short", match="good fit", pre="", post=""):
+    """A well-formed output with replaceable parts."""
+    return (
+        f"{pre}<analyze user>{user}</analyze user>\n<analyze item>{item}</analyze item>\n"
+        f"<match>{match}</match>\n<rate>{rate}</rate>{post}"
+    )
+
+
+GOOD = wrap()
+E = "\u00e9"  # a two-byte character in UTF-8, to check that cuts never split one
+
+# (name, text, valid, rating)
+PARSE_CASES = [
+    ("plain", GOOD, True, 4.0),
+    ("decimal", wrap("4.5"), True, 4.5),
+    ("padded", wrap(" 4 "), True, 4.0),
+    ("newlines", wrap("\n3.25\n"), True, 3.25),
+    ("trailing zero", wrap("4.50"), True, 4.5),
+    ("bounds low", wrap("1"), True, 1.0),
+    ("bounds high", wrap("5.0"), True, 5.0),
+    ("fraction", wrap("4/5"), False, None),
+    ("word", wrap("five"), False, None),
+    ("zero", wrap("0"), False, None),
+    ("six", wrap("6"), False, None),
+    ("just above", wrap("5.01"), False, None),
+    ("nan", wrap("nan"), False, None),
+    ("inf", wrap("inf"), False, None),
+    ("exponent", wrap("1e3"), False, None),
+    ("small exponent", wrap("4e0"), False, None),
+    ("plus sign", wrap("+4"), False, None),
+    ("minus sign", wrap("-4"), False, None),
+    ("trailing dot", wrap("4."), False, None),
+    ("two numbers", wrap("4 5"), False, None),
+    ("words and number", wrap("rating: 4"), False, None),
+    ("arabic digit", wrap("\u0664"), False, None),
+    ("empty rate", wrap(""), False, None),
+    ("blank rate", wrap("  \n "), False, None),
+    ("empty user", wrap(user=""), False, None),
+    ("blank item", wrap(item=" \n\t "), False, None),
+    ("empty match", wrap(match=""), False, None),
+    ("text before and after", wrap(pre="Sure, here it is.\n", post="\nThanks!"), True, 4.0),
+    ("missing </match>", GOOD.replace("</match>", ""), False, None),
+    ("missing <analyze user>", GOOD.replace("<analyze user>", ""), False, None),
+    ("missing rate", GOOD.split("<rate>")[0], False, None),
+    ("underscore tags", GOOD.replace("analyze user", "analyze_user"), False, None),
+    ("two rate blocks", GOOD + "<rate>3</rate>", False, None),
+    ("duplicate <match>", wrap(match="a <match> b"), False, None),
+    ("out of order", "<analyze item>x</analyze item><analyze user>y</analyze user><match>z</match><rate>4</rate>",
+     False, None),
+    ("rate first", "<rate>4</rate><analyze user>y</analyze user><analyze item>x</analyze item><match>z</match>",
+     False, None),
+    ("nested user in item", "<analyze item>x<analyze user>y</analyze user></analyze item><match>z</match>"
+     "<rate>4</rate>", False, None),
+    ("overlapping", "<analyze user>y<analyze item></analyze user>x</analyze item><match>z</match><rate>4</rate>",
+     False, None),
+    ("close before open", "</analyze user>y<analyze user><analyze item>x</analyze item><match>z</match>"
+     "<rate>4</rate>", False, None),
+    ("empty string", "", False, None),
+    ("garbage 100KB", "<rate>" * 3 + "x" * 100_000 + "</match>", False, None),
+    ("garbage with tags", ("<analyze user>a</analyze user>" + "\u00e9\U0001f600" * 30_000), False, None),
+    ("unicode contents", wrap(user="mag Jazz \u00e9\U0001f3b7", item="[pos] \u97f3\u697d", match="\u2713"), True, 4.0),
+    ("lone surrogate", wrap(user="\ud800", post="\udfff"), True, 4.0),
+    ("huge rate number", wrap("4" + "0" * 50_000), False, None),
+]
+
+
+@pytest.mark.parametrize("name,text,valid,rating", PARSE_CASES, ids=[c[0] for c in PARSE_CASES])
+def test_parse_output_table(name, text, valid, rating):
+    """parse_output accepts exactly the well-formed outputs and reads their rating."""
+    out = parse_output(text)
+    assert out.valid is valid, out.reason
+    assert out.rating == rating
+    assert (out.reason == "ok") is valid
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        (GOOD.replace("</match>", ""), "missing </match>"),
+        (GOOD + "<rate>3</rate>", "duplicate <rate>"),
+        (wrap("4/5"), "rate '4/5' is not a number in [1, 5]"),
+        (wrap(item=""), "empty <analyze item>"),
+    ],
+)
+def test_parse_output_reason(text, reason):
+    """The reason names the first failed check."""
+    assert parse_output(text).reason == reason
+
+
+@pytest.mark.parametrize(
+    "preset,pred,truth,expected",
+    [
+        ("paper", "3.5", 4, 0.5 + 0.875),  # 1 - 0.5/4
+        ("paper", "4", 4, 1.5),
+        ("paper", "1", 5, 0.5 + 0.0),  # worst valid
+        ("paper", "2.5", 1, 0.5 + 0.625),  # 1 - 1.5/4
+        ("code", "3.5", 4, 1.0 + 0.75),  # 1 - 0.5/2
+        ("code", "4", 4, 2.0),
+        ("code", "1", 5, 1.0 - 1.0),  # 1 - 4/2 = -1
+        ("code", "2.5", 1, 1.0 + 0.25),  # 1 - 1.5/2
+    ],
+)
+def test_compute_reward_worked_values(preset, pred, truth, expected):
+    """Hand-computed rewards for valid outputs under both presets."""
+    r = compute_reward(wrap(pred), truth, REWARD_PRESETS[preset])
+    assert r.valid and r.rating == float(pred)
+    assert r.total == pytest.approx(expected)
+    assert r.total == pytest.approx(r.format + r.answer)
+
+
+@pytest.mark.parametrize("preset,expected", [("paper", -0.5), ("code", -1.0)])
+def test_compute_reward_invalid(preset, expected):
+    """A malformed output gets -a with no answer reward."""
+    r = compute_reward(wrap("five"), 4, REWARD_PRESETS[preset])
+    assert (r.total, r.format, r.answer, r.valid, r.rating) == (expected, expected, 0.0, False, None)
+
+
+def test_default_reward_is_paper():
+    """The default RewardConfig is the paper preset."""
+    assert RewardConfig() == REWARD_PRESETS["paper"]
+
+
+def assert_in_range(r, cfg):
+    """Invalid -> exactly -a; valid -> [a + 1 - 4/max_error, a + 1]."""
+    a = cfg.format_reward
+    if not r.valid:
+        assert r.total == -a
+    else:
+        assert a + 1 - 4 / cfg.max_error - 1e-9 <= r.total <= a + 1 + 1e-9
+
+
+rate_strings = st.one_of(
+    st.text(max_size=12),
+    st.from_regex(r"\s*[+-]?[0-9]{0,3}(\.[0-9]{0,3})?([eE][0-9])?\s*", fullmatch=True),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300), truth=st.integers(1, 5), preset=st.sampled_from(["paper", "code"]))
+def test_reward_range_arbitrary_text(text, truth, preset):
+    """compute_reward never raises and stays in the documented range on arbitrary text."""
+    assert_in_range(compute_reward(text, truth, REWARD_PRESETS[preset]), REWARD_PRESETS[preset])
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=rate_strings, truth=st.floats(1, 5), preset=st.sampled_from(["paper", "code"]),
+       post=st.sampled_from(["", "\n", "<rate>", "</match>", " done"]))
+def test_reward_range_near_valid(rate, truth, preset, post):
+    """On near-valid outputs with random rate strings the reward is in range and valid iff a plain number in [1, 5]."""
+    r = compute_reward(wrap(rate, post=post), truth, REWARD_PRESETS[preset])
+    assert_in_range(r, REWARD_PRESETS[preset])
+    if r.valid:
+        assert 1 <= r.rating <= 5 and post in ("", "\n", " done")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt rendering
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_example(n_user=12, n_item=12, long=5000):
+    """An example with long texts and more history than the caps allow."""
+    big = E * long
+    user_hist = [
+        (Rating("u", f"h{k}", 1.0 + k % 5, k, review=big, summary=big),
+         Item(f"h{k}", title=f"Old album {k}", categories=("CDs", "Jazz"), brand="Label", price=9.5, description=big))
+        for k in range(n_user)
+    ]
+    item_hist = [
+        Rating(f"v{k}", "t", 2.0 + k % 4, k, review=f"rev{k} " + big, summary=f"sum{k}") for k in range(n_item)
+    ]
+    target = Rating("u", "t", 4.0, 100)
+    item = Item("t", title="Target album", categories=("CDs",), description=big)
+    return Example(target, item, user_hist, item_hist, user_avg=3.123456, item_avg=3.0)
+
+
+def test_render_user_message_fields_and_caps():
+    """The message has the four fields, rounded averages, capped histories and capped texts."""
+    caps = PromptCaps()
+    msg = render_user_message(make_example(), caps)
+    lines = msg.split("\n")
+    for field in ("user_history: ", "user_avg_rating: 3.12", "target_item: ", "target_item_avg_rating: 3.00"):
+        assert any(line.startswith(field) for line in lines), field
+    # Only the last 10 user-history items, numbered 1..10, with their ratings.
+    assert "Old album 1," not in msg and "1. Old album 2, 3.0;" in msg and "10. Old album 11, 2.0;" in msg
+    assert "11. " not in msg
+    # Item history: the last 10 ratings of other users.
+    assert "Ratings: [4.0, 5.0, 2.0, 3.0, 4.0, 5.0, 2.0, 3.0, 4.0, 5.0]" in msg
+    assert "rev1 " not in msg and "rev2 " in msg and "Summaries: [sum2; sum3" in msg
+    # No text run is longer than its cap (plus the "..." marker).
+    runs = [len(chunk) for chunk in "".join(c if c == E else " " for c in msg).split()]
+    assert max(runs) == caps.text_chars
+    assert "Summary: " + E * caps.summary_chars + "..." in msg
+    assert "Review: " + E * caps.text_chars + "..." in msg
+    assert "Description: " + E * caps.text_chars + "..." in msg
+
+
+def test_render_small_caps_and_short_text():
+    """Small caps shrink the histories; short texts are not cut and empty fields are omitted."""
+    ex = make_example(n_user=3, n_item=3, long=5)
+    msg = render_user_message(ex, PromptCaps(max_user_history=1, max_item_history=2, text_chars=3))
+    assert "1. Old album 2, 3.0;" in msg and "2. " not in msg
+    assert "Ratings: [3.0, 4.0]" in msg
+    assert "Review: \u00e9\u00e9\u00e9..." in msg
+    assert "Brand" not in msg.split("target_item: ")[1]  # the target item has no brand
+    full = render_user_message(ex)
+    assert "..." not in full and "Summary: \u00e9\u00e9\u00e9\u00e9\u00e9 |" in full
+
+
+def test_build_messages():
+    """build_messages returns the system prompt, then the rendered user message."""
+    ex = make_example(2, 2, 10)
+    msgs = build_messages(ex)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == SYSTEM_PROMPT and msgs[1]["content"] == render_user_message(ex)
+    for tag in ("<analyze user>", "</analyze item>", "<match>", "</rate>", "[pos]", "[neg]"):
+        assert tag in SYSTEM_PROMPT
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_rating_metrics_hand_example():
+    """An invalid output is scored with its fallback; valid-only metrics skip it."""
+    m = rating_metrics([4.0, None, 2.5], [5.0, 3.0, 2.0], fallback=[3.9, 3.5, 3.0])
+    # scored = [4.0, 3.5, 2.5]; errors = [-1, 0.5, 0.5]
+    assert m.n == 3 and m.valid_rate == pytest.approx(2 / 3)
+    assert m.mae == pytest.approx(2 / 3)
+    assert m.rmse == pytest.approx(math.sqrt(1.5 / 3))
+    assert m.mae_valid == pytest.approx(0.75)
+    assert m.rmse_valid == pytest.approx(math.sqrt(1.25 / 2))
+    assert m.pred_std == pytest.approx(np.std([4.0, 3.5, 2.5]))
+    assert m.true_std == pytest.approx(np.std([5.0, 3.0, 2.0]))
+    assert m.distinct == 3
+
+
+def test_rating_metrics_edge_cases():
+    """All-invalid gives nan valid-only metrics; empty or mismatched input raises."""
+    m = rating_metrics([None, None], [4.0, 4.0], fallback=[4.0, 4.0])
+    assert m.mae == 0 and m.valid_rate == 0 and math.isnan(m.mae_valid) and math.isnan(m.rmse_valid)
+    assert m.distinct == 1 and m.pred_std == 0
+    with pytest.raises(ValueError):
+        rating_metrics([], [], [])
+    with pytest.raises(ValueError):
+        rating_metrics([1.0], [1.0, 2.0], [1.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_ratings(seed=0, n_users=150, n_items=80, n=6000):
+    """Ratings with user and item effects: clip(round(3 + b_u + b_i + noise)), split 90/10."""
+    rng = np.random.default_rng(seed)
+    b_u, b_i = rng.normal(0, 0.7, n_users), rng.normal(0, 0.7, n_items)
+    u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    y = np.clip(np.round(3 + b_u[u] + b_i[i] + rng.normal(0, 0.4, n)), 1, 5)
+    ratings = [Rating(f"u{a}", f"i{b}", float(r), k) for k, (a, b, r) in enumerate(zip(u, i, y))]
+    return ratings[: int(0.9 * n)], ratings[int(0.9 * n) :]
+
+
+def mae(model, test):
+    """Held-out mean absolute error of a fitted baseline."""
+    return float(np.mean(np.abs(model.predict_many(test) - np.array([r.rating for r in test]))))
+
+
+def test_baselines_beat_global_mean():
+    """BiasBaseline and MatrixFactorization beat GlobalMean on held-out MAE when user/item effects exist."""
+    train, test = synthetic_ratings()
+    base = mae(GlobalMean().fit(train), test)
+    bias = mae(BiasBaseline().fit(train), test)
+    mf = mae(MatrixFactorization(seed=0).fit(train), test)
+    assert bias < 0.8 * base and mf < 0.8 * base, (base, bias, mf)
+
+
+def test_baselines_unknown_ids_and_clipping():
+    """Unknown users/items fall back to the known parts; predictions stay on the 1-5 scale."""
+    train, _ = synthetic_ratings(n=2000)
+    for model in (GlobalMean().fit(train), BiasBaseline().fit(train), MatrixFactorization(epochs=2).fit(train)):
+        assert model.predict("nobody", "nothing") == pytest.approx(min(max(model.mu, 1), 5))
+        preds = model.predict_many(train)
+        assert preds.min() >= 1 and preds.max() <= 5
+        assert 1 <= model.predict("u0", "nothing") <= 5 and 1 <= model.predict("nobody", "i0") <= 5
+
+
+def test_mf_deterministic():
+    """MatrixFactorization is deterministic given its seed and differs across seeds."""
+    train, test = synthetic_ratings(n=2000)
+    a = MatrixFactorization(seed=3, epochs=5).fit(train).predict_many(test)
+    b = MatrixFactorization(seed=3, epochs=5).fit(train).predict_many(test)
+    c = MatrixFactorization(seed=4, epochs=5).fit(train).predict_many(test)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

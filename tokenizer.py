@@ -1,0 +1,93 @@
+"""Text <-> token ids for Hugging Face checkpoints, and the chat formats of the models we support.
+
+Reads `tokenizer.json` through the `tokenizers` library (the same Rust code `transformers` uses),
+special tokens from `tokenizer_config.json` and stop ids from `generation_config.json`.
+
+Simplification: chat formatting is hand-written for two families instead of running each model's
+Jinja template: "chatml" (Qwen2.5, SmolLM2, our demo model) and "llama3" (Llama 3.x headers). The
+tests check both against the templates' own output for system/user conversations. Templates that
+insert extra text (a default system message when none is given, Llama 3.1's knowledge-date lines)
+are not reproduced: always pass a system message, as this project does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "special_tokens_map.json")
+
+
+class Tokenizer:
+    """tokenizer.json through `tokenizers`, special tokens and stop ids from the config files.
+
+    Chat formatting is hand-written for the two families we support ("chatml": Qwen2.5, SmolLM2,
+    our demo model; "llama3": Llama 3.x headers) and equals what their templates print for
+    system/user/assistant turns; `chat_format` is guessed from the template text.
+    """
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise CheckpointError(f"{path / 'tokenizer.json'}: file not found")
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        template = cfg.get("chat_template") or ""
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        self.chat_format = "llama3" if "<|start_header_id|>" in template else "chatml"
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        stops = gen.get("eos_token_id", [])
+        stops = set(stops if isinstance(stops, list) else [stops])
+        for t in (self.eos_token, "<|im_end|>" if self.chat_format == "chatml" else "<|eot_id|>"):
+            if t and self.tok.token_to_id(t) is not None:
+                stops.add(self.tok.token_to_id(t))
+        if not stops:
+            raise CheckpointError(f"{path}: no eos token in tokenizer_config.json or generation_config.json")
+        self.stop_ids = tuple(sorted(stops))
+        pad = _token_text(cfg.get("pad_token"))
+        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None \
+            else self.stop_ids[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens are written into the text by the chat format, so none are added here
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Format [{"role", "content"}, ...] as the model's chat template would."""
+        if self.chat_format == "llama3":
+            out = self.bos_token or "<|begin_of_text|>"
+            for m in messages:
+                out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _read_json(f: Path) -> dict:
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
+def _token_text(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
