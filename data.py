@@ -19,10 +19,10 @@ import json
 import math
 import re
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import islice
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -95,6 +95,7 @@ class Example:
         return self.target.rating
 
 
+# ---------------------------------------------------------------- formats and errors
 
 FORMATS = ("amazon", "amazon2023", "ml-100k", "ml-1m", "ml-20m", "yelp", "csv")
 
@@ -108,7 +109,7 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 
 class _RowError(Exception):
-    """One bad row; `_collect`, which knows the file and line, turns it into a DataError or a skip."""
+    """One bad row; `load_ratings`, which knows the file and line, makes it a DataError or a skip."""
 
     def __init__(self, field: str | None, problem: str):
         super().__init__(f"field '{field}': {problem}" if field else problem)
@@ -446,19 +447,22 @@ def split_by_time(data: RatingData, mode: str = "user-last", valid_frac: float =
 class _Timeline:
     """One key's ratings in time order with prefix sums, so the mean of any prefix is O(1)."""
 
-    def __init__(self) -> None:
-        self.times: list[int] = []
-        self.ratings: list[Rating] = []
-        self.sums: list[float] = [0.0]
-
-    def add(self, r: Rating) -> None:
-        self.times.append(r.time)
-        self.ratings.append(r)
-        self.sums.append(self.sums[-1] + r.rating)
+    def __init__(self, ratings: list[Rating]):
+        self.ratings = ratings
+        self.times = [r.time for r in ratings]
+        self.sums = [0.0, *accumulate(r.rating for r in ratings)]
 
     def before(self, time: int) -> int:
         """How many ratings are strictly earlier than `time`."""
         return bisect_left(self.times, time)
+
+
+def _timelines(ordered: Iterable[Rating], key: Callable) -> dict:
+    """A _Timeline per key, in the order of `ordered` (already sorted by time)."""
+    groups = defaultdict(list)
+    for r in ordered:
+        groups[key(r)].append(r)
+    return {k: _Timeline(v) for k, v in groups.items()}
 
 
 def build_examples(data: RatingData, targets: list[Rating], max_user_history: int = 10,
@@ -468,18 +472,17 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
     Histories come from all of `data.ratings`, whatever the split: only ratings strictly earlier
     than the target are visible, so nothing from its future (or its timestamp) leaks. O(log n) each.
     """
-    by_user: dict[str, _Timeline] = defaultdict(_Timeline)
-    by_item: dict[str, _Timeline] = defaultdict(_Timeline)
-    by_pair: dict[tuple[str, str], _Timeline] = defaultdict(_Timeline)
-    for r in sorted(data.ratings, key=lambda r: r.time):
-        by_user[r.user_id].add(r)
-        by_item[r.item_id].add(r)
-        by_pair[r.user_id, r.item_id].add(r)
-    empty = _Timeline()
+    ordered = sorted(data.ratings, key=lambda r: r.time)
+    pair_counts = Counter((r.user_id, r.item_id) for r in ordered)
+    by_user = _timelines(ordered, lambda r: r.user_id)
+    by_item = _timelines(ordered, lambda r: r.item_id)
+    # Only repeated (user, item) pairs can have ratings to exclude from "other users".
+    by_pair = _timelines((r for r in ordered if pair_counts[r.user_id, r.item_id] > 1),
+                         lambda r: (r.user_id, r.item_id))
+    empty = _Timeline([])
     examples = []
     for t in targets:
         user, item = by_user.get(t.user_id, empty), by_item.get(t.item_id, empty)
-        # The target user's own earlier ratings of this item (repeats) are not "other users".
         own = by_pair.get((t.user_id, t.item_id), empty)
         n_user, n_item, n_own = user.before(t.time), item.before(t.time), own.before(t.time)
         if n_user == 0 or n_item == n_own:

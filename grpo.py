@@ -50,6 +50,7 @@ class GRPOConfig:
     temperature: float = 1.0  # must equal the sampler's temperature
     drop_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
     logprob_chunk: int = 1024  # completion positions per output-head call
+    share_prompt: bool = True  # one forward pass per prompt for its G rows (needs policy.forward_grouped)
 
 
 @dataclass
@@ -76,17 +77,18 @@ def rollout_from_generation(prompts, gen, rewards, pad_id: int = 0) -> RolloutBa
     prompts: list of token lists; gen: a model.Generation (tokens (N, T), lengths (N,),
     logprobs (N, T), truncated (N,), prompt_index (N,)); rewards: (N,) or list of floats.
     """
+    device = gen.tokens.device
     pidx = gen.prompt_index.long()
-    plens = torch.tensor([len(prompts[i]) for i in pidx.tolist()], dtype=torch.long)
+    plens = torch.tensor([len(prompts[i]) for i in pidx.tolist()], dtype=torch.long, device=device)
     clens = gen.lengths.long()
     N, L = len(pidx), int((plens + clens).max())
-    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
-    old = torch.zeros(N, L, dtype=torch.float32)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long, device=device)
+    old = torch.zeros(N, L, dtype=torch.float32, device=device)
     for row, (i, p, c) in enumerate(zip(pidx.tolist(), plens.tolist(), clens.tolist())):
-        input_ids[row, :p] = torch.tensor(prompts[i], dtype=torch.long)
+        input_ids[row, :p] = torch.tensor(prompts[i], dtype=torch.long, device=device)
         input_ids[row, p : p + c] = gen.tokens[row, :c]
         old[row, p : p + c] = gen.logprobs[row, :c].float()
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
     return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), pidx, rewards, old)
 
 
@@ -96,6 +98,8 @@ def rollout_from_generation(prompts, gen, rewards, pad_id: int = 0) -> RolloutBa
 
 @dataclass
 class Advantages:
+    """What group_advantages returns."""
+
     advantages: torch.Tensor  # (N,)
     frac_zero_std_groups: float  # groups with all-equal rewards (or a single sample): no signal
 
@@ -111,11 +115,11 @@ def group_advantages(rewards, prompt_index, scale: str = "group", eps: float = 1
     _, g = torch.unique(prompt_index, return_inverse=True)  # (N,) group id 0..K-1, order-free
     K = int(g.max()) + 1
     count = torch.bincount(g, minlength=K).double()  # (K,)
-    mean = torch.zeros(K, dtype=r.dtype).index_add_(0, g, r) / count  # DeepSeekMath §4.1.2
+    mean = r.new_zeros(K).index_add_(0, g, r) / count  # DeepSeekMath §4.1.2
     dev = r - mean[g]
-    var = torch.zeros(K, dtype=r.dtype).index_add_(0, g, dev**2) / (count - 1).clamp(min=1)
-    rmax = torch.full((K,), -math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amax")
-    rmin = torch.full((K,), math.inf, dtype=r.dtype).scatter_reduce(0, g, r, "amin")
+    var = r.new_zeros(K).index_add_(0, g, dev**2) / (count - 1).clamp(min=1)  # Bessel: n - 1
+    rmax = r.new_full((K,), -math.inf).scatter_reduce(0, g, r, "amax")
+    rmin = r.new_full((K,), math.inf).scatter_reduce(0, g, r, "amin")
     no_signal = (rmax == rmin) | (count < 2)  # (K,)
     if scale == "group":
         adv = dev / (var.sqrt()[g] + eps)  # GRPO: DeepSeekMath §4.1.2 outcome supervision
@@ -149,7 +153,8 @@ def completion_mask(prompt_lengths, completion_lengths, seq_len: int, truncated=
 
 def _chunk_logprobs(policy, hidden, targets, temperature):
     # hidden (M, C), targets (M,) -> logp (M,), entropy (M,). Only M rows of (M, V) logits live at once.
-    logits = policy.logits(hidden).float() / temperature  # fp32: the log-softmax of a 151k vocab in bf16 is coarse
+    # fp32: a log-softmax over a 151k vocabulary in bf16 is too coarse for ratios near 1
+    logits = policy.logits(hidden).float() / temperature  # (M, V)
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():  # entropy is only logged
@@ -157,20 +162,42 @@ def _chunk_logprobs(policy, hidden, targets, temperature):
     return logp, entropy
 
 
-def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk_size: int = 1024):
+def _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths=None, prompt_index=None):
+    """The hidden states that predict each masked token, and those tokens: (M, C), (M,), row-major.
+
+    With prompt_index, rows of one group are assumed to share their prompt and policy.forward_grouped
+    runs each prompt once for its G completions (exact; G times less prompt work)."""
+    if prompt_index is None:
+        hidden = policy(input_ids)  # (B, T, C)
+        sel = loss_mask[:, 1:]  # (B, T-1): hidden at t-1 predicts token t
+        return hidden[:, :-1][sel], input_ids[:, 1:][sel]
+    N, L = input_ids.shape
+    groups, inv = torch.unique(prompt_index, return_inverse=True)  # inv (N,): group of each row
+    rows = torch.arange(N, device=input_ids.device)
+    first = torch.full((len(groups),), N, device=rows.device).scatter_reduce(0, inv, rows, "amin")
+    plen = prompt_lengths[first]  # (P,)
+    prompts = input_ids[first, : int(plen.max())]  # (P, Tp); past each length is ignored (masked)
+    idx = prompt_lengths[:, None] + torch.arange(int((L - prompt_lengths).max()), device=rows.device)
+    comp = input_ids.gather(1, idx.clamp(max=L - 1))  # (N, Tc) completion tokens, from each row's start
+    h_last, h = policy.forward_grouped(prompts, plen, comp, inv)
+    pred = torch.cat((h_last[inv][:, None], h[:, :-1]), 1)  # (N, Tc, C): pred[:, j] predicts comp[:, j]
+    sel = loss_mask.gather(1, idx.clamp(max=L - 1)) & (idx < L)
+    return pred[sel], comp[sel]
+
+
+def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk_size: int = 1024,
+                   prompt_lengths=None, prompt_index=None):
     """Log-probs of the tokens in input_ids (B, T) at the masked positions, under softmax(logits / T).
 
     Returns (logp (B, T) fp32, 0 outside the mask; entropy (B, T) detached). The output head runs
     only on positions that predict a completion token, `chunk_size` of them at a time; with grad
     enabled each chunk is checkpointed, so its (chunk, V) logits are recomputed in backward
-    instead of all being kept alive (pitfall 8).
+    instead of all being kept alive (pitfall 8). Give prompt_lengths (B,) and prompt_index (B,)
+    to share each prompt's forward pass among the rows of its group.
     """
     assert temperature > 0, "score with the sampling temperature; greedy (T=0) is not trainable"
     assert not loss_mask[:, 0].any(), "position 0 has no preceding hidden state to predict it"
-    hidden = policy(input_ids)  # (B, T, C)
-    sel = loss_mask[:, 1:]  # (B, T-1): hidden at t-1 predicts token t
-    h = hidden[:, :-1][sel]  # (M, C)
-    targets = input_ids[:, 1:][sel]  # (M,)
+    h, targets = _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths, prompt_index)
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk_size):
         args = (policy, h[i : i + chunk_size], targets[i : i + chunk_size], temperature)
@@ -182,10 +209,8 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
         ents.append(ent)
     flat_lp = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
     flat_ent = torch.cat(ents) if ents else flat_lp.detach()
-    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=input_ids.device)
-    logp = F.pad(zeros.masked_scatter(sel, flat_lp), (1, 0))  # (B, T)
-    entropy = F.pad(zeros.masked_scatter(sel, flat_ent.detach()), (1, 0))
-    return logp, entropy
+    zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=input_ids.device)
+    return zeros.masked_scatter(loss_mask, flat_lp), zeros.masked_scatter(loss_mask, flat_ent.detach())
 
 
 # -----------------------------------------------------------------------------
@@ -227,18 +252,23 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low: float = 0.2, eps_high
     return loss, r, clipped_low, clipped_high
 
 
-def aggregation_weights(mask, mode: str = "token-mean", max_completion_length: int | None = None):
+def aggregation_weights(mask, mode: str = "token-mean", max_completion_length: int | None = None,
+                        all_reduce=None):
     """(N, T) weights w with loss = sum(w * per_token_loss), computed over the whole optimizer batch.
 
     token-mean (DAPO): 1 / (tokens in the batch); seq-mean-token-mean (GRPO): 1 / (|o_i| * seqs);
     seq-mean-token-sum-norm (Dr. GRPO): 1 / (max_completion_length * seqs). Rows with no loss
-    tokens (e.g. dropped truncations) do not count as sequences.
+    tokens (e.g. dropped truncations) do not count as sequences. With data parallelism,
+    `all_reduce` (a sum over ranks) makes the token and sequence counts global.
     """
     m = mask.float()
     lengths = m.sum(-1, keepdim=True)  # (N, 1)
-    n_seqs = (lengths > 0).sum().clamp(min=1)
+    counts = torch.stack([m.sum(), (lengths > 0).sum().float()])  # tokens, sequences in this batch
+    if all_reduce is not None:
+        counts = all_reduce(counts)
+    n_tokens, n_seqs = counts.clamp(min=1)
     if mode == "token-mean":
-        return m / m.sum().clamp(min=1)  # DAPO eq. 8: 1 / sum_i |o_i|
+        return m / n_tokens  # DAPO eq. 8: 1 / sum_i |o_i|
     if mode == "seq-mean-token-mean":
         return m / lengths.clamp(min=1) / n_seqs  # DeepSeekMath eq. 3: 1/G sum_i 1/|o_i| sum_t
     if mode == "seq-mean-token-sum-norm":
@@ -256,83 +286,110 @@ def _micro_batches(n: int, size: int | None):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _rows(x, mb):
+    return None if x is None else x[mb]
+
+
 @torch.no_grad()
 def _batch_logprobs(policy, batch, mask, cfg):
     # (N, L) log-probs of a whole batch, micro-batch by micro-batch, without grad.
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     for mb in _micro_batches(len(mask), cfg.micro_batch_size):
-        out[mb] = token_logprobs(policy, batch.input_ids[mb], mask[mb], cfg.temperature, cfg.logprob_chunk)[0]
+        out[mb] = token_logprobs(policy, batch.input_ids[mb], mask[mb], cfg.temperature, cfg.logprob_chunk,
+                                 *_group_args(policy, batch, mb, cfg))[0]
     return out
 
 
-def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None) -> dict[str, float]:
+def _group_args(policy, batch, mb, cfg):
+    # (prompt_lengths, prompt_index) of the micro-batch when its groups can share their prompt pass
+    if cfg.share_prompt and hasattr(policy, "forward_grouped"):
+        return batch.prompt_lengths[mb], batch.prompt_index[mb]
+    return None, None
+
+
+def _micro_batch_step(policy, ids, mask, weights, adv, old, ref, sampler_logp, cfg, groups) -> dict[str, float]:
+    """Forward, per-token losses and backward for one micro-batch; returns sums, not yet averaged."""
+    # Stage 3: per-token losses
+    logp, entropy = token_logprobs(policy, ids, mask, cfg.temperature, cfg.logprob_chunk, *groups)  # (b, L)
+    old = logp.detach() if old is None else old  # mu = 1: ratio exactly 1
+    pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
+    pg_loss = (pg * weights).sum()
+    loss, kl = pg_loss, torch.zeros(())
+    if ref is not None:
+        kl = (kl_estimate(logp, ref, cfg.kl_estimator) * weights).sum()
+        loss = loss + cfg.beta * kl  # DeepSeekMath eq. 3: the KL enters the loss, not the reward
+    loss.backward()  # the weights already carry the whole-batch normaliser: no division here
+    lp = logp.detach()
+    stats = {"loss": loss, "pg_loss": pg_loss, "kl": kl,
+             # the rest are token sums, divided by the batch's token count at the end
+             "ppo_kl": (old - lp) * mask,  # k1 of pi_old from pi (verl's ppo_kl)
+             "pg_clipfrac_low": clip_low & mask, "pg_clipfrac_high": clip_high & mask,
+             "ratio_mean": ratio * mask, "entropy": entropy * mask}
+    if sampler_logp is not None:  # pitfall 2: sampled and scored with one distribution?
+        stats["sampler_logp_absdiff"] = (lp - sampler_logp).abs() * mask
+    return {k: v.sum().item() for k, v in stats.items()}
+
+
+def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None,
+                all_reduce=None) -> dict[str, float]:
     """Run cfg.mu optimizer steps on one rollout batch; return averaged metrics (verl-style names).
 
     Each pass zero-grads, accumulates gradients over micro-batches (weights fixed over the whole
     batch), clips the grad norm and steps. A pass with a non-finite loss or grad norm does not step:
     grads are zeroed, metrics carry skipped=1.0 and the remaining passes are abandoned.
+    sampler_logp_absdiff is reported only when the batch carries the sampler's log-probs.
+    Data parallel: each rank passes its own groups and `all_reduce` (an in-place sum over ranks);
+    normalisers are then global and gradients are summed before clipping, so N ranks take exactly
+    the step one process would take on all the groups.
     """
     assert cfg.beta == 0 or ref_policy is not None, "beta > 0 needs a reference policy"
     assert cfg.loss_agg in LOSS_AGG_MODES, cfg.loss_agg
     # Stage 1: advantages from the explicit prompt index (pitfall 5)
     adv = group_advantages(batch.rewards, batch.prompt_index, cfg.scale, cfg.adv_eps)
-    device = batch.input_ids.device
-    A = adv.advantages.to(device).float()[:, None]  # (N, 1): one advantage for all tokens of a row
+    A = adv.advantages.float()[:, None]  # (N, 1): one advantage for all tokens of a row
     # Stage 2: mask and normalisers, over the whole optimizer batch (pitfalls 1 and 3)
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1],
-                           batch.truncated if cfg.drop_truncated else None).to(device)
-    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_completion_length)
-    n_tok = mask.sum().clamp(min=1).item()
+                           batch.truncated if cfg.drop_truncated else None)
+    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_completion_length, all_reduce)
     # pi_old must stay fixed across the mu passes. It is rescored by the policy itself (as verl does),
     # so sampler/trainer numerical differences never enter the ratio; they are only logged.
     old_all = _batch_logprobs(policy, batch, mask, cfg) if cfg.mu > 1 else None
     ref_all = _batch_logprobs(ref_policy, batch, mask, cfg) if cfg.beta > 0 else None
     params = [p for p in policy.parameters() if p.requires_grad]
-    keys = ("loss", "pg_loss", "kl", "ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy", "grad_norm")
-    totals = dict.fromkeys(keys, 0.0)
-    sampler_diff, skipped, passes = 0.0, 0.0, 0
+    totals, passes, skipped = {}, 0, 0.0
     for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        stats = dict.fromkeys(keys, 0.0)
         for mb in _micro_batches(len(mask), cfg.micro_batch_size):
-            m, w = mask[mb], weights[mb]
-            # Stage 3: per-token losses
-            logp, entropy = token_logprobs(policy, batch.input_ids[mb], m, cfg.temperature, cfg.logprob_chunk)
-            old = logp.detach() if old_all is None else old_all[mb]  # mu = 1: ratio exactly 1
-            pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, A[mb], cfg.eps_low, cfg.eps_high)
-            pg_loss = (pg * w).sum()
-            loss = pg_loss
-            if ref_all is not None:
-                kl = (kl_estimate(logp, ref_all[mb], cfg.kl_estimator) * w).sum()  # DeepSeekMath eq. 3
-                loss = loss + cfg.beta * kl
-                stats["kl"] += kl.item()
-            loss.backward()  # weights already carry the whole-batch normaliser: no division here
-            stats["loss"] += loss.item()
-            stats["pg_loss"] += pg_loss.item()
-            stats["ppo_kl"] += ((old - logp.detach()) * m).sum().item() / n_tok  # k1 of pi_old from pi
-            stats["pg_clipfrac_low"] += (clip_low & m).sum().item() / n_tok
-            stats["pg_clipfrac_high"] += (clip_high & m).sum().item() / n_tok
-            stats["ratio_mean"] += (ratio * m).sum().item() / n_tok
-            stats["entropy"] += (entropy * m).sum().item() / n_tok
-            if passes == 0 and batch.old_logprobs is not None:  # pitfall 2: sampler vs scorer
-                sampler_diff += ((logp.detach() - batch.old_logprobs[mb].to(device)).abs() * m).sum().item() / n_tok
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        stats["grad_norm"] = grad_norm.item()
+            sampler = batch.old_logprobs if passes == 0 else None
+            stats = _micro_batch_step(policy, batch.input_ids[mb], mask[mb], weights[mb], A[mb],
+                                      _rows(old_all, mb), _rows(ref_all, mb), _rows(sampler, mb), cfg,
+                                      _group_args(policy, batch, mb, cfg))
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+        if all_reduce is not None:  # each rank holds part of one sum-normalised loss: add the parts
+            for p in params:
+                if p.grad is None:  # a rank may not have touched every parameter; it must still join
+                    p.grad = torch.zeros_like(p)
+                all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
         passes += 1
-        for k in keys:
-            totals[k] += stats[k]
-        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)  # never step on nan/inf: train.py relies on this
             skipped = 1.0
             break
         optimizer.step()
-    metrics = {k: v / passes for k, v in totals.items()}
+    n_tok = max(int(mask.sum()), 1)
+    metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
+    for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):
+        metrics[k] /= n_tok  # token means
+    if "sampler_logp_absdiff" in totals:
+        metrics["sampler_logp_absdiff"] = totals["sampler_logp_absdiff"] / n_tok  # first pass only
     metrics.update(
         skipped=skipped,
         frac_reward_zero_std=adv.frac_zero_std_groups,
         reward_mean=batch.rewards.float().mean().item(),
         response_length_mean=batch.completion_lengths.float().mean().item(),
         truncated_frac=batch.truncated.float().mean().item(),
-        sampler_logp_absdiff=sampler_diff,
     )
     return metrics

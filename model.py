@@ -172,9 +172,11 @@ class Attention(nn.Module):
         if cfg.arch == "qwen3":  # Qwen3 normalises each head's q and k before RoPE
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv=None, slots=None, mask=None):
+    def forward(self, x, cos, sin, kv=None, slots=None, mask=None, prefix=None, keep=None):
         """x (B, T, C); cos/sin (B, 1, T, hd). kv: (k_cache, v_cache) each (B, nkv, S, hd).
-        slots None: prefill (write slots 0..T-1, causal); else decode (T == 1, write slot slots[b])."""
+        slots None: prefill (write slots 0..T-1, causal); else decode (T == 1, write slot slots[b]).
+        prefix: (k, v) (B, nkv, S, hd) attended before x (shared-prompt training); keep: list that
+        receives this call's (k, v) so a prompt pass can serve as the prefix of its completions."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -183,6 +185,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if keep is not None:
+            keep.append((k, v))
+        if prefix is not None:
+            k, v = torch.cat((prefix[0], k), 2), torch.cat((prefix[1], v), 2)
         if kv is not None:
             k_cache, v_cache = kv
             if slots is None:
@@ -219,8 +225,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv=None, slots=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, slots, mask)
+    def forward(self, x, cos, sin, kv=None, slots=None, mask=None, prefix=None, keep=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, slots, mask, prefix, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -258,13 +264,18 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype):
         """positions (B, T) -> cos, sin (B, 1, T, hd), computed in fp32 then cast."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        if self.inv_freq.dtype != torch.float32:  # model.to(bf16) casts buffers too, and bf16
+            # frequencies put RoPE phases off by radians at long positions: rebuild them in fp32
+            self.inv_freq = rope_inv_freq(self.config).to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, ids: torch.Tensor, positions=None, kv_cache=None, slots=None, mask=None):
+    def forward(self, ids: torch.Tensor, positions=None, kv_cache=None, slots=None, mask=None,
+                prefix=None, keep=None):
         """ids (B, T) -> hidden (B, T, C). Without a cache: causal attention over right-padded rows
-        starting at position 0. With `kv_cache` (a KVCache) see prefill() / decode()."""
+        starting at position 0. With `kv_cache` (sampling.KVCache) see sampling.generate(); `prefix`
+        and `keep` (per-layer lists) are used by forward_grouped()."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -272,11 +283,34 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            args = (x, cos, sin, kv, slots, mask, None if prefix is None else prefix[i], keep)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv, slots, mask)
+                x = layer(*args)
         return self.norm(x)
+
+    def forward_grouped(self, prompt_ids, prompt_lens, completion_ids, prompt_index):
+        """Training forward in which the G completions of a prompt share one pass over that prompt.
+
+        prompt_ids (P, Tp) right-padded with lengths prompt_lens (P,); completion_ids (N, Tc) right-
+        padded; prompt_index (N,) says which prompt each completion continues. Returns
+        h_last (P, C), the hidden state at each prompt's last token (it predicts completion token 0),
+        and h (N, Tc, C), where h[:, j] predicts completion token j + 1. Exactly equal to running each
+        prompt + completion row on its own, with G times less work on the prompt.
+        """
+        keep: list = []
+        hp = self(prompt_ids, keep=keep)  # (P, Tp, C); keep: per layer (k, v) of shape (P, nkv, Tp, hd)
+        P, Tp = prompt_ids.shape
+        h_last = hp[torch.arange(P, device=hp.device), prompt_lens - 1]
+        prefix = [(k[prompt_index], v[prompt_index]) for k, v in keep]  # (N, nkv, Tp, hd), keeps grad
+        N, Tc = completion_ids.shape
+        lens = prompt_lens[prompt_index]  # (N,)
+        positions = lens[:, None] + torch.arange(Tc, device=lens.device)  # completions resume there
+        seen_prompt = torch.arange(Tp, device=lens.device)[None, None, :] < lens[:, None, None]  # (N, 1, Tp)
+        causal = torch.ones(Tc, Tc, dtype=torch.bool, device=lens.device).tril()
+        mask = torch.cat((seen_prompt.expand(N, Tc, Tp), causal.expand(N, Tc, Tc)), -1)[:, None]
+        return h_last, self(completion_ids, positions=positions, mask=mask, prefix=prefix)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

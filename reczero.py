@@ -1,4 +1,4 @@
-"""RecZero task: the four-step prompt, output parsing, the rule-based reward, rating metrics and classic baselines.
+"""RecZero task: the four-step prompt, output parsing, the rule-based reward, rating metrics, cold-start traces.
 
 An LLM reads a user's history and a target item, reasons in four tagged blocks (analyze user, analyze
 item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (PAPER.md §2-3, §6).
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import Example, Item, Rating
+from data import Example, Item
 
 # ---------------------------------------------------------------------------------------------------
 # Tags and prompt
@@ -62,6 +62,8 @@ class PromptCaps:
     summary_chars: int = 200
     text_chars: int = 400  # description and reviews
     title_chars: int = 120
+    # which item fields the user-history blocks show after "k. Title, rating;" (all, as in the paper)
+    history_fields: tuple[str, ...] = ("Title", "Categories", "Brand", "Price", "Summary", "Description", "Review")
 
 
 def _cut(text: str, cap: int) -> str:
@@ -76,8 +78,9 @@ def _avg(value: float) -> str:
     return f"{value:.2f}" if math.isfinite(value) else "unknown"
 
 
-def _item_fields(item: Item, caps: PromptCaps, summary: str = "", review: str = "") -> str:
-    """An item's features (plus one interaction's summary and review) as 'Name: value' joined by ' | '."""
+def _item_fields(item: Item, caps: PromptCaps, summary: str = "", review: str = "", keep=None) -> str:
+    """An item's features (plus one interaction's summary and review) as 'Name: value' joined by ' | '.
+    `keep` limits the fields shown (None: all)."""
     fields = [
         ("Title", _cut(item.title, caps.title_chars)),
         ("Categories", _cut(", ".join(item.categories), caps.text_chars)),
@@ -87,7 +90,7 @@ def _item_fields(item: Item, caps: PromptCaps, summary: str = "", review: str = 
         ("Description", _cut(item.description, caps.text_chars)),
         ("Review", _cut(review, caps.text_chars)),
     ]
-    return " | ".join(f"{name}: {value}" for name, value in fields if value)  # empty fields are left out
+    return " | ".join(f"{name}: {value}" for name, value in fields if value and (keep is None or name in keep))
 
 
 def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
@@ -96,7 +99,7 @@ def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
     blocks = []
     for k, (r, item) in enumerate(user_hist, 1):
         title = _cut(item.title, caps.title_chars) or f"item {item.item_id}"
-        blocks.append(f"{k}. {title}, {r.rating:.1f};\n" + _item_fields(item, caps, r.summary, r.review))
+        blocks.append(f"{k}. {title}, {r.rating:.1f};\n" + _item_fields(item, caps, r.summary, r.review, caps.history_fields))
     # Target item: fixed features once, then what earlier raters (other users) gave and wrote.
     item_hist = ex.item_history[-caps.max_item_history :] if caps.max_item_history > 0 else []
     ratings = ", ".join(f"{r.rating:.1f}" for r in item_hist)
@@ -246,112 +249,146 @@ def rating_metrics(preds: list[float | None], truths: list[float], fallback: lis
 
 
 # ---------------------------------------------------------------------------------------------------
-# Classic baselines
+# RecOne cold start: teacher traces, kept when they end at the true rating
 # ---------------------------------------------------------------------------------------------------
 
-
-class _Baseline:
-    """Shared parts: id -> index maps, the global mean, clipping to the rating scale."""
-
-    def __init__(self, scale: tuple[float, float] = RATING_SCALE):
-        self.scale, self.mu = scale, float(np.mean(scale))
-        self.users: dict[str, int] = {}
-        self.items: dict[str, int] = {}
-
-    def _index(self, train: list[Rating]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not train:
-            raise ValueError("cannot fit on an empty training set")
-        self.users = {u: k for k, u in enumerate(dict.fromkeys(r.user_id for r in train))}
-        self.items = {i: k for k, i in enumerate(dict.fromkeys(r.item_id for r in train))}
-        u = np.array([self.users[r.user_id] for r in train])
-        i = np.array([self.items[r.item_id] for r in train])
-        y = np.array([r.rating for r in train], dtype=float)
-        self.mu = float(y.mean())
-        return u, i, y
-
-    def _raw(self, u: int | None, i: int | None) -> float:
-        return self.mu  # u / i are training indices, None for a user or item never seen in training
-
-    def predict(self, user_id: str, item_id: str) -> float:
-        """Predicted rating clipped to the scale; unknown users/items fall back to the parts that are known."""
-        value = self._raw(self.users.get(user_id), self.items.get(item_id))
-        return float(min(max(value, self.scale[0]), self.scale[1]))
-
-    def predict_many(self, pairs: list[Rating]) -> np.ndarray:
-        """Predictions for the (user_id, item_id) of each rating record."""
-        return np.array([self.predict(r.user_id, r.item_id) for r in pairs])
+HINT = "\n\nThe user's actual rating of the target item was {rating:g}. Reason towards it and end with it."
 
 
-class GlobalMean(_Baseline):
-    """Predicts the mean training rating for everyone."""
+@dataclass
+class Evidence:
+    """What the heuristic teacher reads off an example: the user's ratings of items sharing a category."""
 
-    def fit(self, train: list[Rating]) -> GlobalMean:
-        """Store the global mean."""
-        self._index(train)
-        return self
-
-
-class BiasBaseline(_Baseline):
-    """mu + b_u + b_i with L2-damped biases (Koren 2008, "Factorization meets the neighborhood", §2.1)."""
-
-    def __init__(self, reg_user: float = 10.0, reg_item: float = 25.0, iters: int = 5, scale=RATING_SCALE):
-        super().__init__(scale)
-        self.reg_user, self.reg_item, self.iters = reg_user, reg_item, iters
-        self.b_u, self.b_i = np.zeros(0), np.zeros(0)
-
-    def fit(self, train: list[Rating]) -> BiasBaseline:
-        """Alternate the closed-form ridge solutions for item and user biases."""
-        u, i, y = self._index(train)
-        n_u, n_i = np.bincount(u, minlength=len(self.users)), np.bincount(i, minlength=len(self.items))
-        self.b_u = np.zeros(len(self.users))
-        for _ in range(self.iters):
-            # Koren 2008 eq. 2-3: b_i = sum(r - mu - b_u) / (lambda_i + |R(i)|), then b_u likewise.
-            self.b_i = np.bincount(i, y - self.mu - self.b_u[u], len(self.items)) / (self.reg_item + n_i)
-            self.b_u = np.bincount(u, y - self.mu - self.b_i[i], len(self.users)) / (self.reg_user + n_u)
-        return self
-
-    def _raw(self, u: int | None, i: int | None) -> float:
-        return self.mu + (self.b_u[u] if u is not None else 0.0) + (self.b_i[i] if i is not None else 0.0)
+    categories: tuple[str, ...]
+    similar: list[float]  # the user's earlier ratings of items sharing a category with the target
+    similar_mean: float | None
+    user_avg: float
+    item_avg: float
 
 
-class MatrixFactorization(BiasBaseline):
-    """Biased MF, r_hat = mu + b_u + b_i + p_u . q_i, trained by mini-batch SGD (Koren et al. 2009)."""
-
-    def __init__(self, factors: int = 16, epochs: int = 20, lr: float = 0.01, reg: float = 0.05,
-                 batch: int = 128, seed: int = 0, scale=RATING_SCALE):
-        super().__init__(scale=scale)
-        self.factors, self.epochs, self.lr, self.reg, self.batch, self.seed = factors, epochs, lr, reg, batch, seed
-
-    def fit(self, train: list[Rating]) -> MatrixFactorization:
-        """Shuffle each epoch and apply the Funk-SVD updates per mini-batch (summed, so close to plain SGD)."""
-        u, i, y = self._index(train)
-        rng = np.random.default_rng(self.seed)
-        self.b_u, self.b_i = np.zeros(len(self.users)), np.zeros(len(self.items))
-        self.p = rng.normal(0.0, 0.1, (len(self.users), self.factors))
-        self.q = rng.normal(0.0, 0.1, (len(self.items), self.factors))
-        lr, reg = self.lr, self.reg
-        for _ in range(self.epochs):
-            order = rng.permutation(len(y))
-            for start in range(0, len(y), self.batch):
-                b = order[start : start + self.batch]
-                ub, ib, pu, qi = u[b], i[b], self.p[u[b]], self.q[i[b]]
-                e = y[b] - (self.mu + self.b_u[ub] + self.b_i[ib] + np.sum(pu * qi, axis=1))
-                # SGD on 0.5 e^2 + 0.5 reg (b_u^2 + b_i^2 + |p_u|^2 + |q_i|^2); add.at sums repeated ids.
-                np.add.at(self.b_u, ub, lr * (e - reg * self.b_u[ub]))
-                np.add.at(self.b_i, ib, lr * (e - reg * self.b_i[ib]))
-                np.add.at(self.p, ub, lr * (e[:, None] * qi - reg * pu))
-                np.add.at(self.q, ib, lr * (e[:, None] * pu - reg * qi))
-        return self
-
-    def _raw(self, u: int | None, i: int | None) -> float:
-        both = u is not None and i is not None  # the factor term needs both; otherwise only biases apply
-        return super()._raw(u, i) + (float(self.p[u] @ self.q[i]) if both else 0.0)
+def history_evidence(ex: Example) -> Evidence:
+    """Collect the user's earlier ratings of items that share a category with the target item."""
+    cats = set(ex.item.categories)
+    similar = [r.rating for r, item in ex.user_history if cats & set(item.categories)]
+    mean = sum(similar) / len(similar) if similar else None
+    return Evidence(ex.item.categories, similar, mean, ex.user_avg, ex.item_avg)
 
 
-def fit_baselines(train: list[Rating], seed: int = 0) -> dict[str, _Baseline]:
-    """Fit the three classic baselines with their default settings."""
-    return {
-        "global_mean": GlobalMean().fit(train),
-        "bias": BiasBaseline().fit(train),
-        "mf": MatrixFactorization(seed=seed).fit(train),
-    }
+class HeuristicTeacher:
+    """A rule-based teacher that writes four-tag traces from the histories, imperfect on purpose.
+
+    It reads the user's ratings of same-category items (the decisive evidence on the synthetic data)
+    and writes how others rated the item, but its own rating ignores the latter: it predicts
+    round(mean of similar ratings), or round(user average) without similar items. Asked again with
+    the true rating (rationalisation), it manages to argue its way there only when the truth is within
+    `max_shift` of its own rating, and then only with probability `rationalise_rate`, as an LLM
+    teacher often drifts back to its first answer.
+    """
+
+    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, typical: float = 3.0, seed: int = 0):
+        # typical: the mid-scale rating that [pos] / [neg] judgements are made against
+        self.rationalise_rate, self.max_shift, self.typical = rationalise_rate, max_shift, typical
+        self.rng = np.random.default_rng(seed)
+
+    def own_rating(self, ev: Evidence) -> int:
+        """The teacher's prediction: the rounded mean of similar ratings (its blind spot: the item)."""
+        base = ev.similar_mean if ev.similar_mean is not None else ev.user_avg
+        return int(min(max(math.floor(base + 0.5), 1), 5))  # half up, not banker's rounding
+
+    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
+        """One trace per example; a hint is the true rating to rationalise towards."""
+        hints = hints or [None] * len(examples)
+        return [self._trace(ex, hint) for ex, hint in zip(examples, hints)]
+
+    def _trace(self, ex: Example, hint: float | None) -> str:
+        # Numbers, titles and genres are written exactly as the prompt shows them (" 4.0", " 3.54",
+        # " Comedy" after a space), so a small model copies evidence token for token instead of
+        # re-deriving it; the rating then follows from the evidence listed just before it.
+        ev = history_evidence(ex)
+        cat = ev.categories[0] if ev.categories else "similar"
+        own = self.own_rating(ev)
+        rating = own
+        if hint is not None and abs(hint - own) <= self.max_shift and self.rng.random() < self.rationalise_rate:
+            rating = hint
+        listed = ", ".join(f"{r:.1f}" for r in ev.similar)
+        user = f"Average {_avg(ev.user_avg)}. " + (f"{cat} ratings: {listed}." if ev.similar else f"No {cat} ratings yet.")
+        pos, neg = [], []
+        if ev.similar_mean is not None and ev.similar_mean >= self.typical + 0.5:
+            pos.append(f"{cat} fan")
+        if ev.similar_mean is not None and ev.similar_mean <= self.typical - 0.5:
+            neg.append(f"{cat} not liked")
+        (pos if ev.item_avg >= self.typical else neg).append(f"others rate it {_avg(ev.item_avg)}")
+        item = f"Item: {ex.item.title or ex.item.item_id} | {cat} | [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
+        evidence = f"Similar: {cat} {listed}" if ev.similar else f"Average {_avg(ev.user_avg)}"
+        match = f"{evidence}; others {_avg(ev.item_avg)}."
+        return (f"{USER_OPEN}\n{user}\n{USER_CLOSE}\n{ITEM_OPEN}\n{item}\n{ITEM_CLOSE}\n"
+                f"{MATCH_OPEN}\n{match}\n{MATCH_CLOSE}\n{RATE_OPEN}\n{rating:g}\n{RATE_CLOSE}")
+
+
+class ModelTeacher:
+    """Any causal LM through our sampler: renders the prompt (plus HINT when given the truth) with the
+    model's chat format and samples one trace per example (greedy by default)."""
+
+    def __init__(self, model, tokenizer, caps: PromptCaps = PromptCaps(), system_prompt: str = SYSTEM_PROMPT,
+                 max_new_tokens: int = 1024, temperature: float = 0.0, batch: int = 16, seed: int = 0):
+        import torch
+
+        self.model, self.tok, self.caps, self.system = model, tokenizer, caps, system_prompt
+        self.max_new_tokens, self.temperature, self.batch = max_new_tokens, temperature, batch
+        self.generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+
+    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
+        """One sampled trace per example; a hint is the true rating to rationalise towards."""
+        from sampling import SamplingConfig, generate
+
+        hints = hints or [None] * len(examples)
+        cfg = SamplingConfig(self.max_new_tokens, self.temperature, stop_ids=self.tok.stop_ids)
+        texts = []
+        for i in range(0, len(examples), self.batch):
+            prompts = []
+            for ex, hint in zip(examples[i : i + self.batch], hints[i : i + self.batch]):
+                msgs = build_messages(ex, self.caps, self.system)
+                msgs[1]["content"] += HINT.format(rating=hint) if hint is not None else ""
+                prompts.append(self.tok.encode(self.tok.apply_chat(msgs)))
+            gen = generate(self.model, prompts, cfg, generator=self.generator, pad_id=self.tok.pad_id)
+            texts += [self.tok.decode(c) for c in gen.completions()]
+        return texts
+
+
+@dataclass
+class Trace:
+    """One cold-start training example: the prompt's example and the completion to imitate."""
+
+    example: Example
+    text: str
+    rationalised: bool
+
+
+@dataclass
+class TraceStats:
+    asked: int
+    aligned: int  # the teacher's own rating equalled the truth
+    rationalised: int  # wrong at first, right when told the truth
+    dropped: int
+
+
+def build_cold_start(teacher, examples: list[Example]) -> tuple[list[Trace], TraceStats]:
+    """RecOne's trace set: D_align (own rating == truth) plus D_misalign (re-asked with the truth, kept
+    only if the new trace ends at the truth). `teacher.write(examples, hints)` returns one text each."""
+    first = teacher.write(examples)
+    traces, wrong = [], []
+    for ex, text in zip(examples, first):
+        parsed = parse_output(text)
+        if parsed.valid and parsed.rating == ex.label:
+            traces.append(Trace(ex, text, False))
+        else:
+            wrong.append(ex)
+    aligned = len(traces)
+    second = teacher.write(wrong, [ex.label for ex in wrong]) if wrong else []
+    for ex, text in zip(wrong, second):
+        parsed = parse_output(text)
+        if parsed.valid and parsed.rating == ex.label:
+            traces.append(Trace(ex, text, True))
+    order = {id(ex): k for k, ex in enumerate(examples)}
+    traces.sort(key=lambda t: order[id(t.example)])  # keep the input order, so the set is deterministic
+    return traces, TraceStats(len(examples), aligned, len(traces) - aligned, len(examples) - len(traces))

@@ -91,3 +91,40 @@ def _token_text(t) -> str | None:
     return t.get("content") if isinstance(t, dict) else t
 
 
+
+
+# -----------------------------------------------------------------------------
+# A tokenizer for the demo model, trained on the demo's own text
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def train_bpe(texts, out_dir, vocab_size: int = 2048) -> Tokenizer:
+    """Train a byte-level BPE on `texts`, save it with ChatML special tokens in the Hugging Face layout.
+
+    Pre-splitting keeps a decimal number such as " 4.0" or " 3.54" in one piece (GPT-2 splits it into
+    " 4", ".", "0"), so a rating copied from the prompt into the reasoning is one and the same token.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?[0-9]+(?:\.[0-9]+)?| ?[^\s0-9]+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "chat_template": CHATML_TEMPLATE, "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id("<|im_end|>"),
+                                                            "pad_token_id": tok.token_to_id("<|endoftext|>")}))
+    return Tokenizer(out)

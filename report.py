@@ -1,0 +1,106 @@
+"""Evaluation and reporting: greedy scoring of a model, the results table, the run log and its curves.
+
+Evaluation decodes greedily (the paper's setting) and scores an unparsable output with a fallback
+prediction rather than dropping it or, as the released code did, counting it as perfect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from reczero import parse_output, rating_metrics
+from sampling import SamplingConfig, generate
+
+
+@torch.no_grad()
+def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval"):
+    """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
+    fallback[(user_id, item_id, time)] (train.py passes the bias baseline's prediction)."""
+    model.eval()
+    preds = []
+    for i in tqdm(range(0, len(examples), batch), desc=desc, leave=False):
+        chunk = examples[i:i + batch]
+        gen = generate(model, [prompter(e) for e in chunk],
+                       SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
+        preds += [parse_output(tok.decode(c)).rating for c in gen.completions()]
+    scored = [fallback[(e.target.user_id, e.target.item_id, e.target.time)] for e in examples]
+    return rating_metrics(preds, [e.label for e in examples], scored)
+
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per line, flushed at once) and samples.txt, rank 0 only.
+
+    Resuming at step k keeps the records up to step k and drops any written after the checkpoint."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if resume_step is not None and (out / "metrics.jsonl").exists():
+                kept = [line for line in open(out / "metrics.jsonl") if json.loads(line).get("step", 0) <= resume_step]
+            self.metrics = open(out / "metrics.jsonl", "w")
+            self.metrics.writelines(kept)
+            self.samples = open(out / "samples.txt", "a" if resume_step is not None else "w")
+
+    def __call__(self, record: dict):
+        if self.enabled:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def sample(self, step: int, examples, texts, rewards, samples: int, k: int = 2):
+        if self.enabled:
+            for i in range(min(k, len(examples))):
+                j = i * samples
+                self.samples.write(f"=== step {step} | truth {examples[i].label:g} | reward {rewards[j].total:.3f}\n"
+                                   f"{texts[j]}\n")
+            self.samples.flush()
+
+
+def results_table(rows: list[tuple[str, object]]) -> str:
+    """A markdown table of RatingMetrics (or baseline MAE/RMSE rows)."""
+    out = ["| method | MAE | RMSE | format valid | MAE (valid only) | pred std (true) | distinct |",
+           "|---|---|---|---|---|---|---|"]
+    for name, m in rows:
+        out.append(f"| {name} | {m.mae:.3f} | {m.rmse:.3f} | {m.valid_rate:.0%} | {m.mae_valid:.3f} | "
+                   f"{m.pred_std:.2f} ({m.true_std:.2f}) | {m.distinct} |")
+    return "\n".join(out)
+
+
+def baseline_rows(baselines: dict, test) -> list:
+    """(name, RatingMetrics) of the classic baselines on the test examples."""
+    rows = []
+    for name, label in (("global_mean", "global mean"), ("bias", "user+item bias"), ("mf", "matrix factorisation")):
+        pred = baselines[name].predict_many([e.target for e in test]).tolist()
+        rows.append((label, rating_metrics(pred, [e.label for e in test], pred)))
+    return rows
+
+
+def plot(out: Path):
+    """reward and validation MAE against steps, from metrics.jsonl, into curves.png (if matplotlib exists)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        return
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in recs if r.get("stage") == "grpo"]
+    evals = [r for r in recs if r.get("stage") == "eval"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
+    ax[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train])
+    ax[0].set(title="mean reward", xlabel="GRPO step")
+    ax[1].plot([r["step"] for r in evals], [r["mae"] for r in evals], marker="o")
+    ax[1].set(title="validation MAE (greedy)", xlabel="GRPO step")
+    ax[2].plot([r["step"] for r in evals], [r["pred_std"] for r in evals], marker="o", label="pred std")
+    ax[2].plot([r["step"] for r in train], [r["frac_reward_zero_std"] for r in train], label="zero-std groups")
+    ax[2].set(title="spread and zero-std share", xlabel="GRPO step")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)

@@ -1,0 +1,518 @@
+"""Tests for model.py, sampling.py and tokenizer.py: equivalence with `transformers`, the KV cache and
+the sampler, checkpoint errors, and the real tokenizer against its chat template. All on CPU with tiny
+models (hidden 64, 2 layers, vocab 300); the `transformers` comparisons skip when it is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from model import CheckpointError, ModelConfig, Transformer, load_config, load_model, save_model
+from sampling import SamplingConfig, filter_logits, generate
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 300
+# three prompts of different lengths, so one batch has right padding of 0, 4 and 10 tokens
+PROMPTS = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+           for n in (13, 9, 3)]
+GREEDY = SamplingConfig(max_new_tokens=32, temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers
+    make each small matmul 100x slower; run this file single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2):
+    """Re-draw every weight with a larger std than the default 0.02 so logits are far from uniform
+    (argmax ties would make greedy comparisons meaningless); norm weights around 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise + 1.0 if "norm" in name else noise)
+    return module
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A random 2-layer model of our own (no transformers needed)."""
+    cfg = dict(arch="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+               num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return randomise(Transformer(ModelConfig(**{**cfg, **overrides})), seed).eval()
+
+
+def right_pad(prompts, pad=0):
+    ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    return ids
+
+
+@torch.no_grad()
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """(T, V) fp32 logits of one unpadded sequence from a single forward pass (no cache)."""
+    return model.logits(model(torch.tensor([ids])))[0].float()
+
+
+# -----------------------------------------------------------------------------
+# Equivalence with transformers on tiny random checkpoints
+
+
+def make_hf_model(kind: str):
+    """A tiny random Qwen2 (q/k/v bias, tied), Llama (llama3 RoPE, untied) or Qwen3 (head_dim 24)."""
+    tr = pytest.importorskip("transformers")
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "qwen2":
+        cfg = tr.Qwen2Config(**common, tie_word_embeddings=True)
+        cls = tr.Qwen2ForCausalLM
+    elif kind == "llama":
+        # original_max_position_embeddings 32: prompt + 32 new tokens run past it, and the
+        # wavelengths of head_dim 16 fall in all three llama3 bands (kept, interpolated, slowed)
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        cfg = tr.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
+        cls = tr.LlamaForCausalLM
+    else:
+        cfg = tr.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True)
+        cls = tr.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    return randomise(cls(cfg), seed=1).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3"])
+def hf_checkpoint(request, tmp_path_factory):
+    """(transformers model, directory it was saved to with save_pretrained), once per architecture."""
+    hf = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_config_parsed_from_transformers_checkpoint(hf_checkpoint):
+    """load_config reads the architecture, head_dim, tying and RoPE scaling that transformers wrote."""
+    hf, path = hf_checkpoint
+    cfg = load_config(path)
+    assert cfg.head_dim == (24 if cfg.arch == "qwen3" else 16)
+    assert cfg.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert cfg.qkv_bias == (cfg.arch == "qwen2")
+    if cfg.arch == "llama":
+        assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+
+
+@torch.no_grad()
+def test_logits_match_transformers(hf_checkpoint):
+    """fp32 logits of a right-padded batch equal transformers' per-prompt unpadded logits to 1e-4."""
+    hf, path = hf_checkpoint
+    ours = load_model(path)
+    logits = ours.logits(ours(right_pad(PROMPTS)))
+    for i, p in enumerate(PROMPTS):
+        ref = hf(torch.tensor([p])).logits[0]
+        assert ref.std() > 0.5  # discriminative, not near-uniform
+        assert (logits[i, :len(p)] - ref).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers(hf_checkpoint):
+    """Greedy decoding with our KV cache gives transformers' 32 tokens, token for token."""
+    hf, path = hf_checkpoint
+    gen = generate(load_model(path), PROMPTS, GREEDY)
+    assert gen.lengths.tolist() == [32] * 3 and gen.truncated.all()
+    for i, p in enumerate(PROMPTS):
+        out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                          pad_token_id=0)
+        assert gen.completions()[i] == out[0, len(p):].tolist()
+
+
+@torch.no_grad()
+def test_saved_checkpoint_loads_in_transformers(hf_checkpoint, tmp_path):
+    """What save_model writes loads in AutoModelForCausalLM with no missing keys and the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf, path = hf_checkpoint
+    ours = load_model(path)
+    save_model(ours, tmp_path / "ours")
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert type(back) is type(hf)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.tensor([PROMPTS[0]])
+    assert (back.eval()(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_sharded_checkpoint_loads(hf_checkpoint, tmp_path):
+    """A checkpoint split into shards with a model.safetensors.index.json loads to the same weights."""
+    hf, path = hf_checkpoint
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    a, b = load_model(path).state_dict(), load_model(tmp_path).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# The KV cache and the sampler
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    """Greedy tokens and temperature-1 log-probs from the cached decode loop equal one full forward pass."""
+    model = tiny_model()
+    greedy = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=0.0))
+    sampled = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=1.0), num_samples=2,
+                       generator=torch.Generator().manual_seed(0))
+    for gen in (greedy, sampled):
+        for row, completion in enumerate(gen.completions()):
+            p = PROMPTS[int(gen.prompt_index[row])]
+            logp = full_logits(model, p + completion)[len(p) - 1:-1].log_softmax(-1)  # (20, V)
+            if gen is greedy:
+                assert logp.argmax(-1).tolist() == completion
+            expected = logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+            torch.testing.assert_close(gen.logprobs[row], expected, atol=1e-5, rtol=0)
+
+
+def test_sampling_logprobs_use_the_temperature():
+    """At temperature 0.7 the returned log-probs are log_softmax(logits / 0.7) of the sampled tokens."""
+    model = tiny_model()
+    gen = generate(model, PROMPTS[:1], SamplingConfig(max_new_tokens=8, temperature=0.7),
+                   generator=torch.Generator().manual_seed(0))
+    completion = gen.completions()[0]
+    logp = (full_logits(model, PROMPTS[0] + completion)[len(PROMPTS[0]) - 1:-1] / 0.7).log_softmax(-1)
+    expected = logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+    torch.testing.assert_close(gen.logprobs[0], expected, atol=1e-5, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible():
+    """The same generator seed gives identical samples; a different seed gives different ones."""
+    model, cfg = tiny_model(), SamplingConfig(max_new_tokens=16, temperature=1.0)
+
+    def run(seed):
+        return generate(model, PROMPTS, cfg, num_samples=2, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+# probs [0.5, 0.2, 0.15, 0.1, 0.05] stored in a shuffled order, to check the scatter back to vocab order.
+# fp32, the dtype generate() filters in: there softmax(log p) gives the masses 0.5 and 0.7 at the
+# boundaries exactly (in fp64 they come out 1 ulp low and top_p=0.5 would keep a second token).
+ORDER = [3, 0, 4, 1, 2]  # position j holds the token of rank ORDER[j]
+PROBS = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("top_k, top_p, kept_ranks", [
+    (2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.71, {0, 1, 2}), (0, 0.5, {0}), (0, 0.3, {0}),
+    (0, 1.0, {0, 1, 2, 3, 4}), (4, 1.0, {0, 1, 2, 3}), (3, 0.6, {0, 1}), (1, 1.0, {0}),
+])
+def test_top_k_top_p_keep_exactly_the_right_tokens(top_k, top_p, kept_ranks):
+    """top-k keeps the k most likely tokens; top-p the fewest most likely whose mass reaches top_p."""
+    logits = PROBS[ORDER].log()[None]
+    kept = filter_logits(logits, top_k=top_k, top_p=top_p)[0].isfinite().nonzero().flatten().tolist()
+    assert {ORDER[j] for j in kept} == kept_ranks
+
+
+def test_each_row_stops_at_its_own_stop_id():
+    """Rows end at their first stop id (kept, last), pad after it, and only truncated rows lack one."""
+    torch.manual_seed(0)  # default std-0.02 init: next-token distribution near uniform over 12 tokens
+    model = Transformer(ModelConfig(vocab_size=12, hidden_size=32, intermediate_size=64, head_dim=8))
+    stops, pad, T = (3, 7), 11, 10
+    gen = generate(model.eval(), [[1, 2], [4, 5, 6]], SamplingConfig(max_new_tokens=T, stop_ids=stops),
+                   num_samples=8, generator=torch.Generator().manual_seed(0), pad_id=pad)
+    assert gen.prompt_index.tolist() == [0] * 8 + [1] * 8
+    assert 0 < int(gen.truncated.sum()) < 16  # both kinds of row occur with this seed
+    for row, n in enumerate(gen.lengths.tolist()):
+        tokens = gen.tokens[row].tolist()
+        assert all(t == pad for t in tokens[n:]) and (gen.logprobs[row, n:] == 0).all()
+        assert not any(t in stops for t in tokens[:n - 1])
+        assert (tokens[n - 1] in stops) == (not gen.truncated[row])
+        assert gen.truncated[row] == (n == T and tokens[n - 1] not in stops)
+        assert (gen.logprobs[row, :n] < 0).all()
+    assert gen.stop_reason.count("length") == int(gen.truncated.sum())
+
+
+def test_group_samples_share_one_prefill():
+    """num_samples=G from one prefill equals G separate copies of the prompt: greedy rows, seeded samples."""
+    model = tiny_model()
+    g3 = generate(model, PROMPTS, GREEDY, num_samples=3)
+    g1 = generate(model, PROMPTS, GREEDY)
+    assert g3.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for row in range(9):
+        assert torch.equal(g3.tokens[row], g1.tokens[row // 3])
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    shared = generate(model, PROMPTS, cfg, num_samples=3, generator=torch.Generator().manual_seed(5))
+    copies = generate(model, [p for p in PROMPTS for _ in range(3)], cfg, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(shared.tokens, copies.tokens)
+    torch.testing.assert_close(shared.logprobs, copies.logprobs, atol=1e-5, rtol=0)
+
+
+def test_batched_prompts_equal_each_prompt_alone():
+    """Prompts of different lengths in one call give the same greedy continuation as each one alone."""
+    for kw in ({}, dict(arch="llama", qkv_bias=False, tie_word_embeddings=False),
+               dict(arch="qwen3", qkv_bias=False, head_dim=24)):
+        model = tiny_model(**kw)
+        batch = generate(model, PROMPTS, GREEDY)
+        for i, p in enumerate(PROMPTS):
+            alone = generate(model, [p], GREEDY)
+            assert batch.completions()[i] == alone.completions()[0]
+            torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_generate_refuses_empty_prompts():
+    """An empty prompt list or an empty prompt is a ValueError, not an index error deep in the loop."""
+    with pytest.raises(ValueError):
+        generate(tiny_model(), [], GREEDY)
+    with pytest.raises(ValueError):
+        generate(tiny_model(), [[1, 2], []], GREEDY)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: config parsing, errors, round trips
+
+
+def llama_dict(**extra) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, **extra}
+
+
+def test_rope_theta_from_top_level_and_from_rope_parameters():
+    """rope_theta is read from the top level (transformers 4) and from rope_parameters (transformers 5)."""
+    assert ModelConfig.from_hf(llama_dict(rope_theta=500000.0)).rope_theta == 500000.0
+    v5 = ModelConfig.from_hf(llama_dict(rope_parameters={"rope_theta": 1e6, "rope_type": "default"}))
+    assert v5.rope_theta == 1e6 and v5.rope_scaling is None
+    assert ModelConfig.from_hf(llama_dict()).rope_theta == 10000.0
+    v4 = ModelConfig.from_hf(llama_dict(rope_theta=5e5, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}))
+    assert v4.rope_theta == 5e5 and v4.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("kw", [
+    dict(arch="qwen2", qkv_bias=True),
+    dict(arch="llama", tie_word_embeddings=False, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    dict(arch="qwen3", head_dim=24, rope_theta=1e6),
+])
+def test_config_to_hf_round_trip(kw):
+    """from_hf(to_hf(cfg)) gives back the same ModelConfig for each architecture."""
+    cfg = ModelConfig(**kw)
+    back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
+    if back.rope_scaling:  # to_hf folds rope_theta into the scaling dict; compare the rest
+        back.rope_scaling = {k: v for k, v in back.rope_scaling.items() if k != "rope_theta"}
+    assert back == cfg
+
+
+def test_smollm2_config_parses(smollm2_dir):
+    """The real SmolLM2 config.json (transformers 5 layout) parses to its known hyper-parameters."""
+    cfg = load_config(smollm2_dir)
+    assert (cfg.arch, cfg.rope_theta, cfg.head_dim, cfg.tie_word_embeddings) == ("llama", 100000.0, 64, True)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, cfg.vocab_size) == (9, 3, 30, 49152)
+    assert cfg.rope_scaling is None and not cfg.qkv_bias
+
+
+def _edit_config(path: Path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def _edit_tensors(path: Path, drop=(), add=None):
+    from safetensors.torch import load_file, save_file
+    state = load_file(path / "model.safetensors")
+    for k in drop:
+        del state[k]
+    save_file({**state, **(add or {})}, path / "model.safetensors")
+
+
+def _write_pickle(path: Path):
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04 not a real pickle, and never opened")
+
+
+BAD_CHECKPOINTS = {
+    "missing directory": (lambda p: p.rename(p.with_name("gone")), ["not a checkpoint directory"]),
+    "missing config.json": (lambda p: (p / "config.json").unlink(), ["config.json", "not found"]),
+    "invalid config.json": (lambda p: (p / "config.json").write_text("{oops"), ["config.json", "invalid JSON"]),
+    "missing field": (lambda p: _strip(p, "vocab_size"), ["missing field", "vocab_size"]),
+    "missing weights": (lambda p: (p / "model.safetensors").unlink(), ["no model.safetensors"]),
+    "missing tensor": (lambda p: _edit_tensors(p, drop=["model.layers.1.mlp.up_proj.weight"]),
+                       ["missing", "layers.1.mlp.up_proj.weight"]),
+    "unexpected tensor": (lambda p: _edit_tensors(p, add={"model.layers.0.extra.weight": torch.zeros(2)}),
+                          ["unexpected", "model.layers.0.extra.weight"]),
+    "wrong shape": (lambda p: _edit_config(p, hidden_size=64), ["wrong shape", "embed_tokens.weight"]),
+    "mistral": (lambda p: _edit_config(p, architectures=["MistralForCausalLM"]),
+                ["MistralForCausalLM", "not supported"]),
+    "gpt2": (lambda p: _edit_config(p, architectures=["GPT2LMHeadModel"]), ["GPT2LMHeadModel", "not supported"]),
+    "rope type": (lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0}), ["yarn"]),
+    "sliding window": (lambda p: _edit_config(p, use_sliding_window=True), ["sliding"]),
+    "pickle weights": (_write_pickle, ["pytorch_model.bin", "safetensors", "pickle"]),
+}
+
+
+def _strip(path: Path, key: str):
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg[key]
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_raises_checkpoint_error_naming_the_problem(case, tmp_path):
+    """Each broken checkpoint is a CheckpointError whose message names the file and what is wrong."""
+    path = tmp_path / "ckpt"
+    # hidden 32 tensors: the "wrong shape" case then claims hidden 64 in config.json
+    save_model(Transformer(ModelConfig(hidden_size=32, head_dim=8)), path)
+    corrupt, words = BAD_CHECKPOINTS[case]
+    corrupt(path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, f"{case}: {word!r} not in {message!r}"
+
+
+def test_bf16_round_trip_keeps_dtype_and_values(tmp_path):
+    """A bf16 model saves bf16 tensors and loads back (dtype=bf16) bit for bit, same logits."""
+    from safetensors import safe_open
+
+    model = tiny_model(arch="llama", qkv_bias=False, tie_word_embeddings=False).to(torch.bfloat16)
+    save_model(model, tmp_path / "bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    back = load_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = right_pad(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(model.logits(model(ids)), back.logits(back(ids)))
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch):
+    """With gradient_checkpointing the loss and every gradient equal those of the plain backward pass."""
+    model = tiny_model(arch="qwen3", qkv_bias=False, head_dim=24).train()
+    ids = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits = model.logits(model(ids))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads()
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.gradient_checkpointing = True
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    assert len(calls) == model.config.num_layers  # it really recomputed each block
+    torch.testing.assert_close(ckpt_loss, plain_loss, atol=1e-6, rtol=0)
+    for n in plain_grads:
+        torch.testing.assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat formats
+
+TEXTS = ["Hello, world!", "  two spaces, a\ttab and a\nnewline ", "naïve café, Zürich, 東京, Ελληνικά",
+         "emoji 🎬🍿👍🏽 ok", "<analyze user>likes jazz</analyze user>\n<analyze item>[pos] smooth</analyze item>\n"
+         "<match>good fit</match>\n<rate>4</rate>"]
+
+
+def render(template: str, messages, **kw) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    return jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True, **kw)
+
+
+def test_smollm2_tokenizer_round_trips_text(smollm2_dir):
+    """decode(encode(text)) == text for ASCII, unicode, emoji and the four RecZero tags."""
+    tok = Tokenizer(smollm2_dir)
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_smollm2_stop_ids_and_chat_template(smollm2_dir):
+    """<|im_end|> (id 2) is a stop id, and apply_chat equals chat_template.jinja for system + user."""
+    tok = Tokenizer(smollm2_dir)
+    assert tok.chat_format == "chatml" and tok.tok.token_to_id("<|im_end|>") == 2 and 2 in tok.stop_ids
+    messages = [{"role": "system", "content": "You predict ratings."}, {"role": "user", "content": TEXTS[4]}]
+    template = (smollm2_dir / "chat_template.jinja").read_text()
+    text = tok.apply_chat(messages)
+    assert text == render(template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    # the special tokens the format writes must encode as single ids, not as their characters
+    assert tok.encode(text).count(tok.tok.token_to_id("<|im_start|>")) == 3
+
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3_chat_format_matches_its_template(tmp_path):
+    """A Llama 3 tokenizer dir gets the header format the template prints, and <|eot_id|> stops."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "You", "rate", "films", ".", "I", "like", "jazz", "system", "user", "assistant"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                           "<|end_header_id|>", "<|eot_id|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+
+    tok = Tokenizer(tmp_path)
+    assert tok.chat_format == "llama3"
+    messages = [{"role": "system", "content": " You rate films.\n"}, {"role": "user", "content": "I like jazz "}]
+    text = tok.apply_chat(messages)
+    assert text == render(LLAMA3_TEMPLATE, messages, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    assert {hf.token_to_id("<|eot_id|>"), hf.token_to_id("<|end_of_text|>")} <= set(tok.stop_ids)
+    assert tok.encode(text).count(hf.token_to_id("<|start_header_id|>")) == 3
+
+
+def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
+    """A directory without tokenizer.json is a CheckpointError naming the file."""
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        Tokenizer(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# The speed benchmark must keep running
+
+
+def test_benchmark_runs_in_quick_mode(tmp_path, monkeypatch):
+    """benchmarks/bench_model.py --quick runs every workload and writes positive timings."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_model", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--threads", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {r["workload"] for r in results} == {"fwd+bwd fp32", "sample fp32", "sample bf16"}
+    assert all(r["ours_s"] > 0 and r["theirs_s"] > 0 and math.isfinite(r["ratio"]) for r in results)
