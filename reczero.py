@@ -1,4 +1,4 @@
-"""RecZero task: the four-step prompt, output parsing, the rule-based reward, rating metrics, cold-start traces.
+"""RecZero task: the four-step prompt, output parsing, the rule-based reward and rating metrics.
 
 An LLM reads a user's history and a target item, reasons in four tagged blocks (analyze user, analyze
 item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (PAPER.md §2-3, §6).
@@ -116,9 +116,32 @@ def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
     )
 
 
+# A one-sentence version for the CPU demo, whose from-scratch model learns the format from the cold start
+# rather than from instructions: every prompt token costs compute in each training step.
+SHORT_SYSTEM_PROMPT = (f"Predict the user's rating of the target item. Think in four steps: {USER_OPEN}, "
+                       f"{ITEM_OPEN} with [pos] and [neg] points, {MATCH_OPEN}, then only the number in {RATE_OPEN}.")
+
+# Appended to the user message when a RecOne teacher is asked to rationalise the true rating.
+HINT = "\n\nThe user's actual rating of the target item was {rating:g}. Reason towards it and end with it."
+
+
 def build_messages(ex: Example, caps: PromptCaps = PromptCaps(), system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
     """Chat messages for one example: the system prompt with the four steps, then the rendered inputs."""
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": render_user_message(ex, caps)}]
+
+
+class Prompter:
+    """Example -> prompt token ids: system + user message in the tokenizer's chat format, with the
+    assistant's generation prompt. `hint` (a true rating) appends HINT, for rationalising teachers."""
+
+    def __init__(self, tokenizer, caps: PromptCaps = PromptCaps(), system_prompt: str = SYSTEM_PROMPT):
+        self.tok, self.caps, self.system = tokenizer, caps, system_prompt
+
+    def __call__(self, ex: Example, hint: float | None = None) -> list[int]:
+        msgs = build_messages(ex, self.caps, self.system)
+        if hint is not None:
+            msgs[1]["content"] += HINT.format(rating=hint)
+        return self.tok.encode(self.tok.apply_chat(msgs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,149 +269,3 @@ def rating_metrics(preds: list[float | None], truths: list[float], fallback: lis
     distinct = len(set(np.round(scored, 2).tolist()))
     return RatingMetrics(len(preds), mae, rmse, float(valid.mean()), mae_v, rmse_v,
                          float(np.std(scored)), float(np.std(truth)), distinct)
-
-
-# ---------------------------------------------------------------------------------------------------
-# RecOne cold start: teacher traces, kept when they end at the true rating
-# ---------------------------------------------------------------------------------------------------
-
-HINT = "\n\nThe user's actual rating of the target item was {rating:g}. Reason towards it and end with it."
-
-
-@dataclass
-class Evidence:
-    """What the heuristic teacher reads off an example: the user's ratings of items sharing a category."""
-
-    categories: tuple[str, ...]
-    similar: list[float]  # the user's earlier ratings of items sharing a category with the target
-    similar_mean: float | None
-    user_avg: float
-    item_avg: float
-
-
-def history_evidence(ex: Example) -> Evidence:
-    """Collect the user's earlier ratings of items that share a category with the target item."""
-    cats = set(ex.item.categories)
-    similar = [r.rating for r, item in ex.user_history if cats & set(item.categories)]
-    mean = sum(similar) / len(similar) if similar else None
-    return Evidence(ex.item.categories, similar, mean, ex.user_avg, ex.item_avg)
-
-
-class HeuristicTeacher:
-    """A rule-based teacher that writes four-tag traces from the histories, imperfect on purpose.
-
-    It reads the user's ratings of same-category items (the decisive evidence on the synthetic data)
-    and writes how others rated the item, but its own rating ignores the latter: it predicts
-    round(mean of similar ratings), or round(user average) without similar items. Asked again with
-    the true rating (rationalisation), it manages to argue its way there only when the truth is within
-    `max_shift` of its own rating, and then only with probability `rationalise_rate`, as an LLM
-    teacher often drifts back to its first answer.
-    """
-
-    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, typical: float = 3.0, seed: int = 0):
-        # typical: the mid-scale rating that [pos] / [neg] judgements are made against
-        self.rationalise_rate, self.max_shift, self.typical = rationalise_rate, max_shift, typical
-        self.rng = np.random.default_rng(seed)
-
-    def own_rating(self, ev: Evidence) -> int:
-        """The teacher's prediction: the rounded mean of similar ratings (its blind spot: the item)."""
-        base = ev.similar_mean if ev.similar_mean is not None else ev.user_avg
-        return int(min(max(math.floor(base + 0.5), 1), 5))  # half up, not banker's rounding
-
-    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
-        """One trace per example; a hint is the true rating to rationalise towards."""
-        hints = hints or [None] * len(examples)
-        return [self._trace(ex, hint) for ex, hint in zip(examples, hints)]
-
-    def _trace(self, ex: Example, hint: float | None) -> str:
-        # Numbers, titles and genres are written exactly as the prompt shows them (" 4.0", " 3.54",
-        # " Comedy" after a space), so a small model copies evidence token for token instead of
-        # re-deriving it; the rating then follows from the evidence listed just before it.
-        ev = history_evidence(ex)
-        cat = ev.categories[0] if ev.categories else "similar"
-        own = self.own_rating(ev)
-        rating = own
-        if hint is not None and abs(hint - own) <= self.max_shift and self.rng.random() < self.rationalise_rate:
-            rating = hint
-        listed = ", ".join(f"{r:.1f}" for r in ev.similar)
-        user = f"Average {_avg(ev.user_avg)}. " + (f"{cat} ratings: {listed}." if ev.similar else f"No {cat} ratings yet.")
-        pos, neg = [], []
-        if ev.similar_mean is not None and ev.similar_mean >= self.typical + 0.5:
-            pos.append(f"{cat} fan")
-        if ev.similar_mean is not None and ev.similar_mean <= self.typical - 0.5:
-            neg.append(f"{cat} not liked")
-        (pos if ev.item_avg >= self.typical else neg).append(f"others rate it {_avg(ev.item_avg)}")
-        item = f"Item: {ex.item.title or ex.item.item_id} | {cat} | [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
-        evidence = f"Similar: {cat} {listed}" if ev.similar else f"Average {_avg(ev.user_avg)}"
-        match = f"{evidence}; others {_avg(ev.item_avg)}."
-        return (f"{USER_OPEN}\n{user}\n{USER_CLOSE}\n{ITEM_OPEN}\n{item}\n{ITEM_CLOSE}\n"
-                f"{MATCH_OPEN}\n{match}\n{MATCH_CLOSE}\n{RATE_OPEN}\n{rating:g}\n{RATE_CLOSE}")
-
-
-class ModelTeacher:
-    """Any causal LM through our sampler: renders the prompt (plus HINT when given the truth) with the
-    model's chat format and samples one trace per example (greedy by default)."""
-
-    def __init__(self, model, tokenizer, caps: PromptCaps = PromptCaps(), system_prompt: str = SYSTEM_PROMPT,
-                 max_new_tokens: int = 1024, temperature: float = 0.0, batch: int = 16, seed: int = 0):
-        import torch
-
-        self.model, self.tok, self.caps, self.system = model, tokenizer, caps, system_prompt
-        self.max_new_tokens, self.temperature, self.batch = max_new_tokens, temperature, batch
-        self.generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-
-    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
-        """One sampled trace per example; a hint is the true rating to rationalise towards."""
-        from sampling import SamplingConfig, generate
-
-        hints = hints or [None] * len(examples)
-        cfg = SamplingConfig(self.max_new_tokens, self.temperature, stop_ids=self.tok.stop_ids)
-        texts = []
-        for i in range(0, len(examples), self.batch):
-            prompts = []
-            for ex, hint in zip(examples[i : i + self.batch], hints[i : i + self.batch]):
-                msgs = build_messages(ex, self.caps, self.system)
-                msgs[1]["content"] += HINT.format(rating=hint) if hint is not None else ""
-                prompts.append(self.tok.encode(self.tok.apply_chat(msgs)))
-            gen = generate(self.model, prompts, cfg, generator=self.generator, pad_id=self.tok.pad_id)
-            texts += [self.tok.decode(c) for c in gen.completions()]
-        return texts
-
-
-@dataclass
-class Trace:
-    """One cold-start training example: the prompt's example and the completion to imitate."""
-
-    example: Example
-    text: str
-    rationalised: bool
-
-
-@dataclass
-class TraceStats:
-    asked: int
-    aligned: int  # the teacher's own rating equalled the truth
-    rationalised: int  # wrong at first, right when told the truth
-    dropped: int
-
-
-def build_cold_start(teacher, examples: list[Example]) -> tuple[list[Trace], TraceStats]:
-    """RecOne's trace set: D_align (own rating == truth) plus D_misalign (re-asked with the truth, kept
-    only if the new trace ends at the truth). `teacher.write(examples, hints)` returns one text each."""
-    first = teacher.write(examples)
-    traces, wrong = [], []
-    for ex, text in zip(examples, first):
-        parsed = parse_output(text)
-        if parsed.valid and parsed.rating == ex.label:
-            traces.append(Trace(ex, text, False))
-        else:
-            wrong.append(ex)
-    aligned = len(traces)
-    second = teacher.write(wrong, [ex.label for ex in wrong]) if wrong else []
-    for ex, text in zip(wrong, second):
-        parsed = parse_output(text)
-        if parsed.valid and parsed.rating == ex.label:
-            traces.append(Trace(ex, text, True))
-    order = {id(ex): k for k, ex in enumerate(examples)}
-    traces.sort(key=lambda t: order[id(t.example)])  # keep the input order, so the set is deterministic
-    return traces, TraceStats(len(examples), aligned, len(traces) - aligned, len(examples) - len(traces))

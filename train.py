@@ -29,10 +29,13 @@ from tqdm import tqdm
 
 import grpo
 from baselines import fit_baselines
-from data import FORMATS, DataError, Example, build_examples, load_ratings, split_by_time
+from data import Example, build_examples, split_by_time
+from readers import FORMATS, DataError, load_ratings
+from checkpoint import load_optimizer, save_checkpoint
 from model import CheckpointError, ModelConfig, Transformer, load_model, save_model
-from reczero import (REWARD_PRESETS, SYSTEM_PROMPT, HeuristicTeacher, ModelTeacher, PromptCaps, build_cold_start,
-                     build_messages, compute_reward, parse_output, rating_metrics)
+from coldstart import HeuristicTeacher, ModelTeacher, SFTConfig, build_cold_start, load_traces, sft
+from reczero import (REWARD_PRESETS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Prompter, PromptCaps, compute_reward,
+                     render_user_message)
 from report import RunLog, baseline_rows, evaluate, plot, results_table
 from sampling import SamplingConfig, generate
 from tokenizer import Tokenizer
@@ -174,78 +177,6 @@ def load_task(args) -> TaskData:
     return TaskData(ex["train"], ex["valid"], ex["test"], baselines, fallback)
 
 
-SHORT_SYSTEM_PROMPT = ("Predict the user's rating of the target item. Think in four steps: <analyze user>, "
-                       "<analyze item> with [pos] and [neg] points, <match>, then only the number in <rate>.")
-
-
-def system_prompt(args) -> str:
-    choice = args.system_prompt if args.system_prompt != "auto" else ("short" if args.demo else "full")
-    if choice == "full":
-        return SYSTEM_PROMPT
-    if choice == "short":
-        return SHORT_SYSTEM_PROMPT
-    if not Path(choice).exists():
-        fail(f"--system-prompt {choice}: not 'full', 'short' or a file")
-    return Path(choice).read_text()
-
-
-class Prompter:
-    """Example -> prompt token ids (chat-formatted, with a generation prompt)."""
-
-    def __init__(self, tok: Tokenizer, args):
-        self.tok, self.system = tok, system_prompt(args)
-        self.caps = prompt_caps(args)
-
-    def __call__(self, ex: Example, hint: str = "") -> list[int]:
-        msgs = build_messages(ex, self.caps, self.system)
-        msgs[1]["content"] += hint
-        return self.tok.encode(self.tok.apply_chat(msgs))
-
-
-# -----------------------------------------------------------------------------
-# Cold start (RecOne stage 1)
-
-
-def sft(model, tok, prompter, traces, args, log) -> None:
-    """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
-    args.sft_prompt_weight times the same loss on the prompt tokens."""
-    rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
-    steps = args.sft_epochs * math.ceil(len(rows) / args.sft_batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps))
-    rng = np.random.default_rng(args.seed + 1)
-    model.train()
-    bar = tqdm(total=steps, desc="cold-start SFT")
-    for epoch in range(args.sft_epochs):
-        order = rng.permutation(len(rows))
-        for i in range(0, len(rows), args.sft_batch):
-            batch = [rows[j] for j in order[i:i + args.sft_batch]]
-            L = max(len(p) + len(c) for p, c in batch)
-            ids = torch.zeros(len(batch), L, dtype=torch.long)
-            done = torch.zeros(len(batch), L, dtype=torch.bool)  # completion tokens
-            said = torch.zeros(len(batch), L, dtype=torch.bool)  # prompt tokens after the first
-            for r, (p, c) in enumerate(batch):
-                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
-                done[r, len(p):len(p) + len(c)] = True
-                said[r, 1:len(p)] = args.sft_prompt_weight > 0
-            dev = model.embed_tokens.weight.device
-            ids, done, said = ids.to(dev), done.to(dev), said.to(dev)
-            logp, _ = grpo.token_logprobs(model, ids, done | said)
-            loss = -(logp * done).sum() / done.sum()  # mean next-token NLL over completion tokens
-            if args.sft_prompt_weight > 0:
-                loss = loss - args.sft_prompt_weight * (logp * said).sum() / said.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
-    bar.close()
-    model.eval()
-
-
 # -----------------------------------------------------------------------------
 # GRPO (RecZero; RecOne stage 2)
 
@@ -292,35 +223,6 @@ def rollout_metrics(batch, rewards, examples, gen, samples: int) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the model in the Hugging Face layout plus optimizer and step, in one atomic directory
-
-
-def save_checkpoint(path: Path, model, tok_dir, optimizer, state: dict):
-    """Model (safetensors + config), tokenizer, AdamW moments (safetensors) and trainer_state.json,
-    written to a temporary directory and renamed into place: a killed run leaves the previous one."""
-    from safetensors.torch import save as st_save
-
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    state = {**state, "param_groups": opt["param_groups"]}
-    save_model(model, path, tok_dir, extra_files={"optimizer.safetensors": st_save(tensors),
-                                                  "trainer_state.json": json.dumps(state, indent=1)})
-
-
-def load_optimizer(path: Path, optimizer) -> None:
-    """Restore AdamW moments and param groups written by save_checkpoint (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value
-    groups = json.loads((path / "trainer_state.json").read_text())["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# -----------------------------------------------------------------------------
 # Main
 
 
@@ -351,21 +253,6 @@ def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
     return Transformer(ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
                                    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
                                    max_position_embeddings=4096, eos_token_id=eos))
-
-
-def load_traces(path, train: list[Example]):
-    """Cold-start traces from JSONL lines {user_id, item_id, time, text}, matched to training examples."""
-    from reczero import Trace
-    index = {(e.target.user_id, e.target.item_id, e.target.time): e for e in train}
-    traces = []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        try:
-            row = json.loads(line)
-            key = (str(row["user_id"]), str(row["item_id"]), int(row["time"]))
-            traces.append(Trace(index[key], row["text"], False))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            fail(f"{path} line {n}: not a trace of a training example ({type(e).__name__}: {e})")
-    return traces
 
 
 def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, log: RunLog, state: dict):
@@ -428,6 +315,41 @@ def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, 
     model.eval()
 
 
+def prompt_settings(args) -> tuple[PromptCaps, str]:
+    """The prompt caps and system prompt the flags ask for."""
+    caps = PromptCaps(max_user_history=args.max_user_history, max_item_history=args.max_item_history)
+    fields = args.history_fields or ("Categories,Review" if args.demo else None)
+    if fields:
+        caps.history_fields = tuple(f.strip() for f in fields.split(","))
+    choice = args.system_prompt if args.system_prompt != "auto" else ("short" if args.demo else "full")
+    if choice in ("full", "short"):
+        return caps, SYSTEM_PROMPT if choice == "full" else SHORT_SYSTEM_PROMPT
+    if not Path(choice).exists():
+        fail(f"--system-prompt {choice}: not 'full', 'short' or a file")
+    return caps, Path(choice).read_text()
+
+
+def cold_start_traces(args, task: TaskData, prompter: Prompter, dtype, device, log):
+    """RecOne's trace set: from --sft-traces, or built by the teacher on the first training examples."""
+    if args.sft_traces:
+        try:
+            traces = load_traces(args.sft_traces, task.train)
+        except ValueError as e:
+            fail(str(e))
+        log({"stage": "cold_start", "traces": len(traces)})
+        return traces
+    if args.teacher == "heuristic":
+        teacher = HeuristicTeacher(seed=args.seed)
+    else:
+        tok = Tokenizer(args.teacher)
+        teacher = ModelTeacher(load_model(args.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
+                               args.max_new_tokens, seed=args.seed)
+    traces, stats = build_cold_start(teacher, task.train[:args.cold_start_size])
+    print(f"cold start: {stats}")
+    log({"stage": "cold_start", "traces": len(traces), **asdict(stats)})
+    return traces
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -450,8 +372,9 @@ def main(argv=None):
             model, tok_dir = load_model(args.model, dtype, device), Path(args.model)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
             from tokenizer import train_bpe
-            teacher_texts = HeuristicTeacher().write(task.train[:2000])
-            corpus = [render_user_message_for(e, args) for e in task.train[:3000]] + teacher_texts + [system_prompt(args)]
+            caps, system = prompt_settings(args)
+            corpus = [render_user_message(e, caps) for e in task.train[:3000]] + [system] + \
+                HeuristicTeacher().write(task.train[:2000])
             tok_dir = out / "tokenizer"
             if dist.rank == 0:
                 train_bpe(corpus, tok_dir)
@@ -463,7 +386,7 @@ def main(argv=None):
     except (DataError, CheckpointError, OSError) as e:
         fail(str(e))
     model.gradient_checkpointing = args.grad_checkpointing
-    prompter = Prompter(tok, args)
+    prompter = Prompter(tok, *prompt_settings(args))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, {dtype}, {device}")
     rows = baseline_rows(task.baselines, task.test)
     if args.eval_only:
@@ -471,18 +394,10 @@ def main(argv=None):
         print(results_table(rows))
         return
     if not resumed and args.mode == "recone":
-        if args.sft_traces:
-            traces, stats = load_traces(args.sft_traces, task.train), None
-        else:
-            teacher = HeuristicTeacher(seed=args.seed) if args.teacher == "heuristic" else ModelTeacher(
-                load_model(args.teacher, dtype, device), Tokenizer(args.teacher), prompter.caps, prompter.system,
-                args.max_new_tokens, seed=args.seed)
-            traces, stats = build_cold_start(teacher, task.train[:args.cold_start_size])
-        if stats:
-            print(f"cold start: {stats}")
-        log({"stage": "cold_start", "traces": len(traces), **(asdict(stats) if stats else {})})
+        traces = cold_start_traces(args, task, prompter, dtype, device, log)
         if dist.rank == 0:  # the other ranks load the result: the same weights everywhere
-            sft(model, tok, prompter, traces, args, log)
+            sft(model, prompter, traces, SFTConfig(args.sft_epochs, args.sft_lr, args.sft_batch,
+                                                   args.sft_prompt_weight, args.seed), log)
             # step 4: save in the HF layout and reload through the loader real checkpoints use
             save_model(model, out / "cold_start", tok_dir)
         if dist.world > 1:
@@ -509,19 +424,6 @@ def main(argv=None):
         plot(out)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
-
-
-def prompt_caps(args) -> PromptCaps:
-    fields = args.history_fields or ("Categories,Review" if args.demo else None)
-    caps = PromptCaps(max_user_history=args.max_user_history, max_item_history=args.max_item_history)
-    if fields:
-        caps.history_fields = tuple(f.strip() for f in fields.split(","))
-    return caps
-
-
-def render_user_message_for(ex: Example, args) -> str:
-    from reczero import render_user_message
-    return render_user_message(ex, prompt_caps(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests for data.py: every reader on tiny hand-written files, strict errors, splits and leak-free histories."""
+"""Tests for readers.py and data.py: every reader on tiny hand-written files, strict errors, splits, leak-free histories."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import (FORMATS, DataError, DataFileNotFoundError, Item, Rating, RatingData, build_examples,
-                  load_ratings, split_by_time)
+from data import Item, Rating, RatingData, build_examples, split_by_time
+from readers import FORMATS, DataError, DataFileNotFoundError, load_ratings
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

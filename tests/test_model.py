@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from model import CheckpointError, ModelConfig, Transformer, load_config, load_model, save_model
-from sampling import SamplingConfig, filter_logits, generate
+from sampling import SamplingConfig, filter_logits, generate, sample_tokens
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,16 @@ def test_top_k_top_p_keep_exactly_the_right_tokens(top_k, top_p, kept_ranks):
     logits = PROBS[ORDER].log()[None]
     kept = filter_logits(logits, top_k=top_k, top_p=top_p)[0].isfinite().nonzero().flatten().tolist()
     assert {ORDER[j] for j in kept} == kept_ranks
+
+
+def test_sample_tokens_draws_from_the_given_distribution():
+    """Inverse-CDF sampling reproduces the probabilities and never draws a zero-probability token."""
+    probs = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.15, 0.1, 0.05, 0.0])  # zeros first, inside and last
+    n = 40000
+    tokens = sample_tokens(probs.log().expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=len(probs)) / n
+    assert (freq[probs == 0] == 0).all()
+    assert (freq - probs).abs().max() < 0.01  # 4 standard deviations of the largest cell
 
 
 def test_each_row_stops_at_its_own_stop_id():

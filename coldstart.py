@@ -1,0 +1,229 @@
+"""RecOne stage 1: teachers write four-tag traces, the traces that end at the truth are kept, SFT on them.
+
+RecOne (PAPER.md §5): a teacher answers each training example in the same four-tag format. A trace
+whose rating equals the truth is kept (aligned); otherwise the teacher is asked again with the true
+rating and its new trace is kept only if it then ends at the truth (rationalised). The model is then
+fine-tuned on the kept traces before GRPO.
+
+Simplifications: the heuristic teacher stands in for the paper's DeepSeek-R1 (any checkpoint can be a
+teacher through ModelTeacher, and any trace file through load_traces); SFT is plain teacher-forced
+cross-entropy with linear warm-up and decay (the paper reports no SFT hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import grpo
+from data import Example
+from reczero import (ITEM_CLOSE, ITEM_OPEN, MATCH_CLOSE, MATCH_OPEN, RATE_CLOSE, RATE_OPEN, USER_CLOSE, USER_OPEN,
+                     Prompter, parse_output)
+
+@dataclass
+class Evidence:
+    """What the heuristic teacher reads off an example: the user's ratings of items sharing a category."""
+
+    categories: tuple[str, ...]
+    similar: list[float]  # the user's earlier ratings of items sharing a category with the target
+    similar_mean: float | None
+    user_avg: float
+    item_avg: float
+
+
+def history_evidence(ex: Example) -> Evidence:
+    """Collect the user's earlier ratings of items that share a category with the target item."""
+    cats = set(ex.item.categories)
+    similar = [r.rating for r, item in ex.user_history if cats & set(item.categories)]
+    mean = sum(similar) / len(similar) if similar else None
+    return Evidence(ex.item.categories, similar, mean, ex.user_avg, ex.item_avg)
+
+
+class HeuristicTeacher:
+    """A rule-based teacher that writes four-tag traces from the histories, imperfect on purpose.
+
+    It reads the user's ratings of same-category items (the decisive evidence on the synthetic data)
+    and writes how others rated the item, but its own rating ignores the latter: it predicts
+    round(mean of similar ratings), or round(user average) without similar items. Asked again with
+    the true rating (rationalisation), it manages to argue its way there only when the truth is within
+    `max_shift` of its own rating, and then only with probability `rationalise_rate`, as an LLM
+    teacher often drifts back to its first answer.
+    """
+
+    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, typical: float = 3.0, seed: int = 0):
+        # typical: the mid-scale rating that [pos] / [neg] judgements are made against
+        self.rationalise_rate, self.max_shift, self.typical = rationalise_rate, max_shift, typical
+        self.rng = np.random.default_rng(seed)
+
+    def own_rating(self, ev: Evidence) -> int:
+        """The teacher's prediction: the rounded mean of similar ratings (its blind spot: the item)."""
+        base = ev.similar_mean if ev.similar_mean is not None else ev.user_avg
+        return int(min(max(math.floor(base + 0.5), 1), 5))  # half up, not banker's rounding
+
+    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
+        """One trace per example; a hint is the true rating to rationalise towards."""
+        hints = hints or [None] * len(examples)
+        return [self._trace(ex, hint) for ex, hint in zip(examples, hints)]
+
+    def _trace(self, ex: Example, hint: float | None) -> str:
+        # The steps state aggregates (a mean rounded to half a star) rather than copying exact values:
+        # averaging what attention finds is what a small model learns first; exact retrieval is slow.
+        ev = history_evidence(ex)
+        cat = ev.categories[0] if ev.categories else "similar"
+        own = self.own_rating(ev)
+        rating = own
+        if hint is not None and abs(hint - own) <= self.max_shift and self.rng.random() < self.rationalise_rate:
+            rating = hint
+        half = lambda x: f"{math.floor(2 * x + 0.5) / 2:.1f}"  # noqa: E731  half-up to the nearest 0.5
+        overall, others = half(ev.user_avg), half(ev.item_avg)
+        if ev.similar_mean is not None:
+            genre = half(ev.similar_mean)
+            user = f"{cat} mean {genre} over {len(ev.similar)}; overall {overall}."
+        else:
+            genre, user = None, f"No {cat} items; overall {overall}."
+        pos, neg = [], []
+        if genre is not None and float(genre) >= self.typical + 0.5:
+            pos.append(f"{cat} fan")
+        if genre is not None and float(genre) <= self.typical - 0.5:
+            neg.append(f"{cat} not liked")
+        if float(others) >= self.typical + 0.5:
+            pos.append("well rated")
+        if float(others) <= self.typical - 0.5:
+            neg.append("poorly rated")
+        item = f"{cat} item, others {others}. [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
+        match = f"{cat} {genre}, others {others}." if genre is not None else f"overall {overall}, others {others}."
+        return (f"{USER_OPEN}\n{user}\n{USER_CLOSE}\n{ITEM_OPEN}\n{item}\n{ITEM_CLOSE}\n"
+                f"{MATCH_OPEN}\n{match}\n{MATCH_CLOSE}\n{RATE_OPEN}\n{rating:g}\n{RATE_CLOSE}")
+
+
+class ModelTeacher:
+    """Any causal LM through our sampler: prompts with `prompter` (HINT appended when given the truth)
+    and samples one trace per example (greedy by default)."""
+
+    def __init__(self, model, prompter: Prompter, max_new_tokens: int = 1024, temperature: float = 0.0,
+                 batch: int = 16, seed: int = 0):
+        self.model, self.prompter, self.batch = model, prompter, batch
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+
+    def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
+        """One sampled trace per example; a hint is the true rating to rationalise towards."""
+        from sampling import SamplingConfig, generate
+
+        tok = self.prompter.tok
+        hints = hints or [None] * len(examples)
+        cfg = SamplingConfig(self.max_new_tokens, self.temperature, stop_ids=tok.stop_ids)
+        texts = []
+        for i in range(0, len(examples), self.batch):
+            prompts = [self.prompter(ex, hint) for ex, hint in zip(examples[i:i + self.batch], hints[i:i + self.batch])]
+            gen = generate(self.model, prompts, cfg, generator=self.generator, pad_id=tok.pad_id)
+            texts += [tok.decode(c) for c in gen.completions()]
+        return texts
+
+
+@dataclass
+class Trace:
+    """One cold-start training example: the prompt's example and the completion to imitate."""
+
+    example: Example
+    text: str
+    rationalised: bool
+
+
+@dataclass
+class TraceStats:
+    asked: int
+    aligned: int  # the teacher's own rating equalled the truth
+    rationalised: int  # wrong at first, right when told the truth
+    dropped: int
+
+
+def build_cold_start(teacher, examples: list[Example]) -> tuple[list[Trace], TraceStats]:
+    """RecOne's trace set: D_align (own rating == truth) plus D_misalign (re-asked with the truth, kept
+    only if the new trace ends at the truth). `teacher.write(examples, hints)` returns one text each."""
+    first = teacher.write(examples)
+    traces, wrong = [], []
+    for ex, text in zip(examples, first):
+        parsed = parse_output(text)
+        if parsed.valid and parsed.rating == ex.label:
+            traces.append(Trace(ex, text, False))
+        else:
+            wrong.append(ex)
+    aligned = len(traces)
+    second = teacher.write(wrong, [ex.label for ex in wrong]) if wrong else []
+    for ex, text in zip(wrong, second):
+        parsed = parse_output(text)
+        if parsed.valid and parsed.rating == ex.label:
+            traces.append(Trace(ex, text, True))
+    order = {id(ex): k for k, ex in enumerate(examples)}
+    traces.sort(key=lambda t: order[id(t.example)])  # keep the input order, so the set is deterministic
+    return traces, TraceStats(len(examples), aligned, len(traces) - aligned, len(examples) - len(traces))
+
+
+def load_traces(path, train: list[Example]) -> list[Trace]:
+    """Cold-start traces from JSONL lines {user_id, item_id, time, text}, matched to training examples."""
+    index = {(e.target.user_id, e.target.item_id, e.target.time): e for e in train}
+    traces = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            row = json.loads(line)
+            key = (str(row["user_id"]), str(row["item_id"]), int(row["time"]))
+            traces.append(Trace(index[key], row["text"], False))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} line {n}: not a trace of a training example ({type(e).__name__}: {e})") from None
+    return traces
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 2
+    lr: float = 1e-5
+    batch: int = 16
+    prompt_weight: float = 0.0  # > 0 also trains on the prompt tokens (a from-scratch model must learn them)
+    seed: int = 0
+
+
+def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None) -> None:
+    """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
+    cfg.prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay."""
+    tok = prompter.tok
+    rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    steps = cfg.epochs * math.ceil(len(rows) / cfg.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps))
+    rng = np.random.default_rng(cfg.seed + 1)
+    model.train()
+    bar = tqdm(total=steps, desc="cold-start SFT")
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(rows))
+        for i in range(0, len(rows), cfg.batch):
+            batch = [rows[j] for j in order[i:i + cfg.batch]]
+            L = max(len(p) + len(c) for p, c in batch)
+            ids = torch.zeros(len(batch), L, dtype=torch.long)
+            done = torch.zeros(len(batch), L, dtype=torch.bool)  # completion tokens
+            said = torch.zeros(len(batch), L, dtype=torch.bool)  # prompt tokens after the first
+            for r, (p, c) in enumerate(batch):
+                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+                done[r, len(p):len(p) + len(c)] = True
+                said[r, 1:len(p)] = cfg.prompt_weight > 0
+            dev = model.embed_tokens.weight.device
+            ids, done, said = ids.to(dev), done.to(dev), said.to(dev)
+            logp, _ = grpo.token_logprobs(model, ids, done | said)
+            loss = -(logp * done).sum() / done.sum()  # mean next-token NLL over completion tokens
+            if cfg.prompt_weight > 0:
+                loss = loss - cfg.prompt_weight * (logp * said).sum() / said.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+    bar.close()
+    model.eval()
