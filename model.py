@@ -195,7 +195,8 @@ class Attention(nn.Module):
                 k_cache[:, :, :T], v_cache[:, :, :T] = k, v
             else:
                 rows = torch.arange(B, device=x.device)
-                k_cache[rows, :, slots], v_cache[rows, :, slots] = k[:, :, 0], v[:, :, 0]
+                k_cache[rows, :, slots] = k[:, :, 0].to(k_cache.dtype)  # (under autocast k may be fp32)
+                v_cache[rows, :, slots] = v[:, :, 0].to(v_cache.dtype)
                 k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.nh != self.nkv)

@@ -122,6 +122,8 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt, and no empty prompt")
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    if torch.is_autocast_enabled(device.type):  # fp32 master weights, bf16 compute: cache in bf16
+        dtype = torch.get_autocast_dtype(device.type)
     pad = pad_id if pad_id is not None else (cfg.stop_ids[0] if cfg.stop_ids else 0)
     P, G, T = len(prompts), num_samples, cfg.max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)

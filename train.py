@@ -43,10 +43,11 @@ from synthetic import SyntheticConfig, make_synthetic
 
 # Defaults: (the paper's setting for a real model, the CPU demo). None in argparse means "not given".
 DEFAULTS = {
-    "steps": (300, 60), "prompts_per_step": (8, 16), "samples": (8, 8), "lr": (2e-6, 3e-4),
-    "temperature": (1.0, 1.0), "max_new_tokens": (1024, 96), "cold_start_size": (1000, 2000),
-    "sft_epochs": (2, 3), "sft_lr": (1e-5, 2e-3), "eval_size": (1000, 400), "eval_every": (50, 20),
-    "mode": ("recone", "recone"), "micro_batch": (8, 64), "sft_prompt_weight": (0.0, 1.0),
+    "steps": (300, 40), "prompts_per_step": (8, 16), "samples": (8, 8), "lr": (2e-6, 2e-4),
+    "temperature": (1.0, 1.0), "max_new_tokens": (1024, 80), "cold_start_size": (1000, 1500),
+    "sft_epochs": (2, 3), "sft_lr": (1e-5, 3e-3), "sft_batch": (16, 8), "sft_prompt_weight": (0.0, 0.0),
+    "eval_size": (1000, 300), "eval_every": (50, 10), "mode": ("recone", "recone"), "micro_batch": (8, 64),
+    "max_user_history": (10, 6), "max_item_history": (10, 6),
 }
 
 
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--cold-start-size", type=int, help="examples the teacher is asked about (RecOne)" + d("cold_start_size"))
     a("--sft-epochs", type=int, help="cold-start SFT epochs" + d("sft_epochs"))
     a("--sft-lr", type=float, help="cold-start SFT learning rate" + d("sft_lr"))
-    a("--sft-batch", type=int, default=16, help="cold-start SFT batch size")
+    a("--sft-batch", type=int, help="cold-start SFT batch size" + d("sft_batch"))
     a("--sft-prompt-weight", type=float, help="weight of the prompt tokens' LM loss in SFT (the demo model has "
       "never read text, so it also learns the prompt's language)" + d("sft_prompt_weight"))
     a("--eval-size", type=int, help="test examples scored (greedy)" + d("eval_size"))
@@ -97,12 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sample-every", type=int, default=10, help="write a few sample completions every N steps")
     a("--eval-only", action="store_true", help="score --model (or --resume) on the test set and exit")
     a("--resume", help="checkpoint directory to continue from (written by this script)")
-    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+      help="compute dtype (autocast); auto: bf16 on CUDA, fp32 on CPU")
+    a("--master-weights", choices=("fp32", "same"), default="fp32", help="dtype of the trained weights and AdamW "
+      "state: fp32 (default; a 2e-6 step is below bf16's resolution) or the compute dtype (halves memory)")
     a("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     a("--grad-checkpointing", action="store_true", help="recompute each block in backward to save memory")
     a("--system-prompt", default="auto", help="'full' (the four-step prompt), 'short', or a file (auto: full / short)")
-    a("--max-user-history", type=int, default=10, help="user history entries shown")
-    a("--max-item-history", type=int, default=10, help="item history entries shown")
+    a("--max-user-history", type=int, help="user history entries shown (the paper: 10)" + d("max_user_history"))
+    a("--max-item-history", type=int, help="item history entries shown (the paper: 10)" + d("max_item_history"))
     a("--history-fields", help="comma-separated item fields shown in each user-history block (default: all, "
       "as in the paper; demo: Categories,Review, to keep CPU sequences short)")
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -163,7 +167,9 @@ def load_task(args) -> TaskData:
         data = make_synthetic(SyntheticConfig(n_users=args.synthetic_users, seed=args.seed))
     split = split_by_time(data, "user-last")
     rng = np.random.default_rng(args.seed)
-    ex = {name: build_examples(data, getattr(split, name)) for name in ("train", "valid", "test")}
+    # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
+    ex = {name: build_examples(data, getattr(split, name), args.max_user_history, args.max_item_history)
+          for name in ("train", "valid", "test")}
     for name in ("valid", "test"):  # fixed random subsets, so evaluation cost is bounded
         if len(ex[name]) > args.eval_size:
             ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), args.eval_size, replace=False))]
@@ -268,7 +274,8 @@ def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, 
         load_optimizer(Path(args.resume), opt)
     ref = None
     if args.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
-        ref = load_model(state["start_model"], model.embed_tokens.weight.dtype, device).requires_grad_(False)
+        ref = load_model(state["start_model"], torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
+            device.type) else model.embed_tokens.weight.dtype, device).requires_grad_(False)
     reward_cfg = REWARD_PRESETS[args.reward]
     per_rank = args.prompts_per_step // dist.world
     all_reduce = dist.all_reduce if dist.world > 1 else None
@@ -342,7 +349,7 @@ def cold_start_traces(args, task: TaskData, prompter: Prompter, dtype, device, l
         teacher = HeuristicTeacher(seed=args.seed)
     else:
         tok = Tokenizer(args.teacher)
-        teacher = ModelTeacher(load_model(args.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
+        teacher = ModelTeacher(load_model(args.teacher, compute, device), Prompter(tok, prompter.caps, prompter.system),
                                args.max_new_tokens, seed=args.seed)
     traces, stats = build_cold_start(teacher, task.train[:args.cold_start_size])
     print(f"cold start: {stats}")
@@ -358,6 +365,13 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    compute, dtype = dtype, torch.float32 if args.master_weights == "fp32" else dtype  # dtype: of the weights
+    with torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
+        run(args, device, dtype, compute)
+
+
+def run(args, device: str, dtype, compute):
+    """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
     dist = setup_distributed(device)
     out = Path(args.out)
     try:
@@ -387,14 +401,15 @@ def main(argv=None):
         fail(str(e))
     model.gradient_checkpointing = args.grad_checkpointing
     prompter = Prompter(tok, *prompt_settings(args))
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, {dtype}, {device}")
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
+          f"compute {compute}, {device}")
     rows = baseline_rows(task.baselines, task.test)
     if args.eval_only:
         rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, args.max_new_tokens, desc="test")))
         print(results_table(rows))
         return
     if not resumed and args.mode == "recone":
-        traces = cold_start_traces(args, task, prompter, dtype, device, log)
+        traces = cold_start_traces(args, task, prompter, compute, device, log)
         if dist.rank == 0:  # the other ranks load the result: the same weights everywhere
             sft(model, prompter, traces, SFTConfig(args.sft_epochs, args.sft_lr, args.sft_batch,
                                                    args.sft_prompt_weight, args.seed), log)

@@ -100,3 +100,12 @@ def test_cli_unreadable_data_file(tmp_path):
     r = run_cli("--data", str(f), "--data-format", "csv", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "ratings.csv line 3" in r.stderr and "rating" in r.stderr
+
+
+def test_bf16_autocast_with_fp32_master_weights(tmp_path):
+    """--dtype bf16 computes under autocast while the trained weights (and checkpoint) stay fp32."""
+    out = tmp_path / "bf16"
+    train.main(TINY + ["--out", str(out), "--steps", "1", "--dtype", "bf16"])
+    step = metrics(out)[1]
+    assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all()
+    assert load_model(out / "checkpoint").embed_tokens.weight.dtype == torch.float32
