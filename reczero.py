@@ -62,6 +62,7 @@ class PromptCaps:
     summary_chars: int = 200
     text_chars: int = 400  # description and reviews
     title_chars: int = 120
+    item_texts: bool = True  # show the target's earlier reviews and summaries (the paper does)
     # which item fields the user-history blocks show after "k. Title, rating;" (all, as in the paper)
     history_fields: tuple[str, ...] = ("Title", "Categories", "Brand", "Price", "Summary", "Description", "Review")
 
@@ -106,7 +107,7 @@ def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
     reviews = "; ".join(_cut(r.review, caps.text_chars) for r in item_hist if r.review.strip())
     summaries = "; ".join(_cut(r.summary, caps.summary_chars) for r in item_hist if r.summary.strip())
     fixed = _item_fields(ex.item, caps) or f"Item: {ex.item.item_id}"
-    target = f"{fixed} | Ratings: [{ratings}] | Reviews: [{reviews}] | Summaries: [{summaries}]"
+    target = f"{fixed} | Ratings: [{ratings}]" + (f" | Reviews: [{reviews}] | Summaries: [{summaries}]" if caps.item_texts else "")
     history = "\n\n".join(blocks)
     return (
         f"user_history: {history}\n\n"

@@ -107,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--system-prompt", default="auto", help="'full' (the four-step prompt), 'short', or a file (auto: full / short)")
     a("--max-user-history", type=int, help="user history entries shown (the paper: 10)" + d("max_user_history"))
     a("--max-item-history", type=int, help="item history entries shown (the paper: 10)" + d("max_item_history"))
+    a("--no-item-texts", action="store_true", help="leave the target item's earlier reviews and summaries out of the prompt")
     a("--history-fields", help="comma-separated item fields shown in each user-history block (default: all, "
       "as in the paper; demo: Categories,Review, to keep CPU sequences short)")
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -325,6 +326,7 @@ def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, 
 def prompt_settings(args) -> tuple[PromptCaps, str]:
     """The prompt caps and system prompt the flags ask for."""
     caps = PromptCaps(max_user_history=args.max_user_history, max_item_history=args.max_item_history)
+    caps.item_texts = not args.no_item_texts
     fields = args.history_fields or ("Categories,Review" if args.demo else None)
     if fields:
         caps.history_fields = tuple(f.strip() for f in fields.split(","))
