@@ -44,26 +44,43 @@ def history_evidence(ex: Example) -> Evidence:
     return Evidence(ex.item.categories, similar, mean, ex.user_avg, ex.item_avg)
 
 
+def _level(value: float, words: tuple[str, ...], cuts: tuple[float, ...]) -> str:
+    """The word for `value`: words[k] for the first cut it reaches (cuts descending), else the last word."""
+    return next((w for w, c in zip(words, cuts) if value >= c), words[-1])
+
+
+TASTE = (("loves", "likes", "is lukewarm on", "dislikes", "hates"), (4.25, 3.5, 2.5, 1.75))
+RATER = (("a generous", "a moderate", "a strict"), (3.5, 2.5))
+RECEPTION = (("acclaimed", "liked", "mixed", "weak", "panned"), (3.75, 3.25, 2.75, 2.25))
+TASTE_RATING = {"loves": 5, "likes": 4, "is lukewarm on": 3, "dislikes": 2, "hates": 1}
+
+
 class HeuristicTeacher:
     """A rule-based teacher that writes four-tag traces from the histories, imperfect on purpose.
 
-    It reads the user's ratings of same-category items (the decisive evidence on the synthetic data)
-    and writes how others rated the item, but its own rating ignores the latter: it predicts
-    round(mean of similar ratings), or round(user average) without similar items. Asked again with
-    the true rating (rationalisation), it manages to argue its way there only when the truth is within
-    `max_shift` of its own rating, and then only with probability `rationalise_rate`, as an LLM
+    Step 1 judges the user's taste for the target's genre from their ratings of same-category items
+    (the decisive evidence on the synthetic data) and how generous a rater they are; step 2 judges
+    how other users received the item; step 3 puts the two side by side. The steps use words rather
+    than exact numbers: a small model learns an average of what attention finds long before it learns
+    exact retrieval. Its own rating follows the taste alone and ignores the reception (its blind
+    spot, which RL can correct because the reception is written right there in the trace).
+    Asked again with the true rating (rationalisation), it argues its way there only when the truth is
+    within `max_shift` of its own rating, and then only with probability `rationalise_rate`, as an LLM
     teacher often drifts back to its first answer.
     """
 
-    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, typical: float = 3.0, seed: int = 0):
-        # typical: the mid-scale rating that [pos] / [neg] judgements are made against
-        self.rationalise_rate, self.max_shift, self.typical = rationalise_rate, max_shift, typical
+    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, seed: int = 0):
+        self.rationalise_rate, self.max_shift = rationalise_rate, max_shift
         self.rng = np.random.default_rng(seed)
 
+    @staticmethod
+    def taste(ev: Evidence) -> str:
+        """The user's taste for the genre: from same-category ratings, else from their average."""
+        return _level(ev.similar_mean if ev.similar_mean is not None else ev.user_avg, *TASTE)
+
     def own_rating(self, ev: Evidence) -> int:
-        """The teacher's prediction: the rounded mean of similar ratings (its blind spot: the item)."""
-        base = ev.similar_mean if ev.similar_mean is not None else ev.user_avg
-        return int(min(max(math.floor(base + 0.5), 1), 5))  # half up, not banker's rounding
+        """The teacher's prediction: the rating its taste word stands for (its blind spot: the item)."""
+        return TASTE_RATING[self.taste(ev)]
 
     def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
         """One trace per example; a hint is the true rating to rationalise towards."""
@@ -71,32 +88,18 @@ class HeuristicTeacher:
         return [self._trace(ex, hint) for ex, hint in zip(examples, hints)]
 
     def _trace(self, ex: Example, hint: float | None) -> str:
-        # The steps state aggregates (a mean rounded to half a star) rather than copying exact values:
-        # averaging what attention finds is what a small model learns first; exact retrieval is slow.
         ev = history_evidence(ex)
-        cat = ev.categories[0] if ev.categories else "similar"
-        own = self.own_rating(ev)
-        rating = own
+        cat = ev.categories[0] if ev.categories else "this kind of item"
+        rating = own = self.own_rating(ev)
         if hint is not None and abs(hint - own) <= self.max_shift and self.rng.random() < self.rationalise_rate:
             rating = hint
-        half = lambda x: f"{math.floor(2 * x + 0.5) / 2:.1f}"  # noqa: E731  half-up to the nearest 0.5
-        overall, others = half(ev.user_avg), half(ev.item_avg)
-        if ev.similar_mean is not None:
-            genre = half(ev.similar_mean)
-            user = f"{cat} mean {genre} over {len(ev.similar)}; overall {overall}."
-        else:
-            genre, user = None, f"No {cat} items; overall {overall}."
-        pos, neg = [], []
-        if genre is not None and float(genre) >= self.typical + 0.5:
-            pos.append(f"{cat} fan")
-        if genre is not None and float(genre) <= self.typical - 0.5:
-            neg.append(f"{cat} not liked")
-        if float(others) >= self.typical + 0.5:
-            pos.append("well rated")
-        if float(others) <= self.typical - 0.5:
-            neg.append("poorly rated")
-        item = f"{cat} item, others {others}. [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
-        match = f"{cat} {genre}, others {others}." if genre is not None else f"overall {overall}, others {others}."
+        taste, reception = self.taste(ev), _level(ev.item_avg, *RECEPTION)
+        basis = "" if ev.similar else f" (no earlier {cat}: judged from their average)"
+        user = f"The user {taste} {cat}{basis}; {_level(ev.user_avg, *RATER)} rater."
+        pos = [f"{cat}"] * (taste in ("loves", "likes")) + [f"{reception} by others"] * (reception in ("acclaimed", "liked"))
+        neg = [f"{cat}"] * (taste in ("dislikes", "hates")) + [f"{reception} by others"] * (reception in ("weak", "panned"))
+        item = f"{cat} item, {reception} by others. [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
+        match = f"{taste} {cat}, {reception} item."
         return (f"{USER_OPEN}\n{user}\n{USER_CLOSE}\n{ITEM_OPEN}\n{item}\n{ITEM_CLOSE}\n"
                 f"{MATCH_OPEN}\n{match}\n{MATCH_CLOSE}\n{RATE_OPEN}\n{rating:g}\n{RATE_CLOSE}")
 

@@ -43,9 +43,9 @@ from synthetic import SyntheticConfig, make_synthetic
 
 # Defaults: (the paper's setting for a real model, the CPU demo). None in argparse means "not given".
 DEFAULTS = {
-    "steps": (300, 40), "prompts_per_step": (8, 16), "samples": (8, 8), "lr": (2e-6, 2e-4),
-    "temperature": (1.0, 1.0), "max_new_tokens": (1024, 80), "cold_start_size": (1000, 1500),
-    "sft_epochs": (2, 3), "sft_lr": (1e-5, 3e-3), "sft_batch": (16, 8), "sft_prompt_weight": (0.0, 0.0),
+    "steps": (300, 60), "prompts_per_step": (8, 16), "samples": (8, 8), "lr": (2e-6, 2e-4),
+    "temperature": (1.0, 1.0), "max_new_tokens": (1024, 96), "cold_start_size": (1000, 3000),
+    "sft_epochs": (2, 3), "sft_lr": (1e-5, 3e-3), "sft_batch": (16, 4), "sft_prompt_weight": (0.0, 0.0),
     "eval_size": (1000, 300), "eval_every": (50, 10), "mode": ("recone", "recone"), "micro_batch": (8, 64),
     "max_user_history": (10, 6), "max_item_history": (10, 6),
 }
@@ -107,9 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--system-prompt", default="auto", help="'full' (the four-step prompt), 'short', or a file (auto: full / short)")
     a("--max-user-history", type=int, help="user history entries shown (the paper: 10)" + d("max_user_history"))
     a("--max-item-history", type=int, help="item history entries shown (the paper: 10)" + d("max_item_history"))
-    a("--no-item-texts", action="store_true", help="leave the target item's earlier reviews and summaries out of the prompt")
+    a("--item-texts", choices=("on", "off"), help="show the target item's earlier reviews and summaries (default: on / off)")
     a("--history-fields", help="comma-separated item fields shown in each user-history block (default: all, "
-      "as in the paper; demo: Categories,Review, to keep CPU sequences short)")
+      "as in the paper; demo: Categories, to keep CPU sequences short)")
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     demo = args.model is None
@@ -326,8 +326,8 @@ def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, 
 def prompt_settings(args) -> tuple[PromptCaps, str]:
     """The prompt caps and system prompt the flags ask for."""
     caps = PromptCaps(max_user_history=args.max_user_history, max_item_history=args.max_item_history)
-    caps.item_texts = not args.no_item_texts
-    fields = args.history_fields or ("Categories,Review" if args.demo else None)
+    caps.item_texts = (args.item_texts or ("off" if args.demo else "on")) == "on"
+    fields = args.history_fields or ("Categories" if args.demo else None)
     if fields:
         caps.history_fields = tuple(f.strip() for f in fields.split(","))
     choice = args.system_prompt if args.system_prompt != "auto" else ("short" if args.demo else "full")

@@ -18,6 +18,12 @@ tokens, learning rate and seed. Sizes:
   ~1k-token BPE (train_bpe cannot reach 151936): the model samples over all 151936 ids and ids the
   tokenizer does not know decode to nothing, the same on both sides.
 
+The prompt is one chat-formatted RecZero prompt (system prompt, 3 user-history and 3 item-history
+entries of the synthetic data): about 460 tokens, so prompt work weighs as much as the 64-token
+completions. Our update runs that prompt once for its 8 completions (GRPOConfig.share_prompt, exact);
+TRL runs prompt + completion for every row. Likewise when sampling, ours prefills the prompt once
+and copies its KV cache to the 8 samples; TRL's transformers.generate prefills 8 copies of it.
+
 The reward is the real RecZero reward, so with random weights nearly every completion is invalid
 (-0.5), all advantages are 0 and the gradient is 0. Neither side short-circuits on that: TRL's
 _compute_loss and our grpo_update both run the forward pass, the loss, backward, clipping and the

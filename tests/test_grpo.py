@@ -402,11 +402,11 @@ def test_shared_prompt_pass_equals_separate_rows():
     torch.testing.assert_close(results[1][0], batch.old_logprobs, atol=1e-5, rtol=0)  # and the sampler's
 
 
-def _dp_worker(rank, world, port, batch, result):
+def _dp_worker(rank, world, init_file, batch, result):
     """One gloo rank: update a fresh MockPolicy on its half of the groups with all_reduce."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         policy = MockPolicy()
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)
@@ -426,9 +426,8 @@ def _dp_worker(rank, world, port, batch, result):
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process():
+def test_two_gloo_ranks_match_one_process(tmp_path):
     """Two data-parallel gloo processes, each with half of the groups, take the single-process step."""
-    import socket
     import torch.multiprocessing as mp
 
     batch = make_batch()
@@ -436,12 +435,9 @@ def test_two_gloo_ranks_match_one_process():
     grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch,
                 GRPOConfig(loss_agg="token-mean", max_grad_norm=0.5))
     expected = torch.cat([p.detach().flatten() for p in policy.parameters()])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    procs = [ctx.Process(target=_dp_worker, args=(r, 2, port, batch, result)) for r in range(2)]
+    procs = [ctx.Process(target=_dp_worker, args=(r, 2, str(tmp_path / "rendezvous"), batch, result)) for r in range(2)]
     for p in procs:
         p.start()
     got = result.get(timeout=120)
