@@ -421,7 +421,8 @@ def _dp_worker(rank, world, init_file, batch, result):
 
         grpo_update(policy, opt, part, cfg, all_reduce=all_reduce)
         if rank == 0:
-            result.put(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+            # a plain list, not a tensor: a tensor travels as a shared-memory handle that dies with this process
+            result.put(torch.cat([p.detach().flatten() for p in policy.parameters()]).tolist())
     finally:
         dist.destroy_process_group()
 
@@ -440,7 +441,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     procs = [ctx.Process(target=_dp_worker, args=(r, 2, str(tmp_path / "rendezvous"), batch, result)) for r in range(2)]
     for p in procs:
         p.start()
-    got = result.get(timeout=120)
+    got = torch.tensor(result.get(timeout=120))
     for p in procs:
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs)
