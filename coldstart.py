@@ -194,6 +194,8 @@ class SFTConfig:
 def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None) -> None:
     """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
     cfg.prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay."""
+    if not traces:
+        raise ValueError("sft: no traces to train on")
     tok = prompter.tok
     rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))

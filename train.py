@@ -215,18 +215,17 @@ def rollout(model, tok, prompter, examples, args, gen_rng, reward_cfg):
     return batch, texts, rewards, gen
 
 
-def rollout_metrics(batch, rewards, examples, gen, samples: int) -> dict:
-    """Reward parts, format rate, training MAE and completion lengths of one step's rollouts."""
+def rollout_metrics(rewards, examples, gen, samples: int) -> dict:
+    """Reward parts, format rate, training MAE and the longest completion of one step's rollouts
+    (grpo_update already reports reward_mean, response_length_mean and truncated_frac)."""
     valid = [r for r in rewards if r.valid]
     truth = [examples[i // samples].label for i, r in enumerate(rewards) if r.valid]
-    lens = gen.lengths.float()
     return {"reward_std": float(np.std([r.total for r in rewards])),
             "reward_format": float(np.mean([r.format for r in rewards])),
             "reward_answer": float(np.mean([r.answer for r in rewards])),
             "format_valid": len(valid) / len(rewards),
             "train_mae": float(np.mean([abs(r.rating - y) for r, y in zip(valid, truth)])) if valid else math.nan,
-            "response_length_mean": lens.mean().item(), "response_length_max": lens.max().item(),
-            "truncated": gen.truncated.float().mean().item()}
+            "response_length_max": gen.lengths.max().item()}
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +300,7 @@ def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, 
             if metrics["skipped"]:
                 print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
             step += 1
-            metrics.update(rollout_metrics(batch, rewards, examples, gen, args.samples),
+            metrics.update(rollout_metrics(rewards, examples, gen, args.samples),
                            stage="grpo", step=step, time_sampling=t1 - t0, time_update=time.time() - t1)
             log(metrics)
             bar.update()
@@ -351,10 +350,13 @@ def cold_start_traces(args, task: TaskData, prompter: Prompter, dtype, device, l
         teacher = HeuristicTeacher(seed=args.seed)
     else:
         tok = Tokenizer(args.teacher)
-        teacher = ModelTeacher(load_model(args.teacher, compute, device), Prompter(tok, prompter.caps, prompter.system),
+        teacher = ModelTeacher(load_model(args.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
                                args.max_new_tokens, seed=args.seed)
     traces, stats = build_cold_start(teacher, task.train[:args.cold_start_size])
     print(f"cold start: {stats}")
+    if not traces:
+        fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "
+             "ask more examples (--cold-start-size), use another --teacher, or --mode reczero")
     log({"stage": "cold_start", "traces": len(traces), **asdict(stats)})
     return traces
 

@@ -109,3 +109,13 @@ def test_bf16_autocast_with_fp32_master_weights(tmp_path):
     step = metrics(out)[1]
     assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all()
     assert load_model(out / "checkpoint").embed_tokens.weight.dtype == torch.float32
+
+
+def test_checkpoint_as_teacher(tiny_run, tmp_path, capsys):
+    """--teacher DIR samples traces from a checkpoint; when none ends at the truth, one clear line, exit 2."""
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as stop:  # the barely trained tiny model never hits the true rating
+        train.main(TINY + ["--out", str(out), "--steps", "1", "--teacher", str(tiny_run / "cold_start")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "none of the 24 teacher traces ended at the true rating" in err
