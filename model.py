@@ -237,7 +237,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Tied weights: the lookup's gradient is kept sparse (one row per token instead of a zero-filled
+        # V x C table) and autograd adds it to the head's dense gradient, so .grad still ends dense and
+        # the backward writes one vocabulary-sized tensor instead of three (about 5% of a training step
+        # at a 151k vocabulary on CPU: benchmarks/bench_model.py --profile). Every loss here goes through
+        # logits(); one that never reaches the head would leave a sparse .grad, which AdamW refuses.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, sparse=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:

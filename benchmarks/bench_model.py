@@ -12,12 +12,16 @@ the 151k-vocabulary head weighs as much as it does in training. It measures:
   stop token (ours: generate(..., num_samples=8); theirs: hf.generate(num_return_sequences=8)).
 
 Each workload runs once to warm up, then --repeats times alternating ours/theirs; the table shows the
-median seconds, tokens/s and the ratio theirs/ours (above 1: ours is faster).
+median seconds, tokens/s and the ratio theirs/ours of the medians (above 1: ours is faster); the log
+also prints each side's range and the median of the per-repeat ratios (run i of each side back to
+back), which drift on a shared machine disturbs least.
 
 Run from the repository root:
     python benchmarks/bench_model.py                  # 2 threads, 4 layers, 3 repeats (a few minutes)
     python benchmarks/bench_model.py --threads 8 --json results.json
     python benchmarks/bench_model.py --quick          # tiny sizes, seconds (the test suite runs this)
+    python benchmarks/bench_model.py --workloads train --dense-lookup-grad   # what the sparse lookup buys
+    python benchmarks/bench_model.py --workloads train --profile  # fwd+bwd time by operator, both sides
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; the median is shown")
     p.add_argument("--quick", action="store_true", help="tiny sizes so the whole run takes seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    p.add_argument("--workloads", choices=["all", "train", "sample"], default="all",
+                   help="train: fwd+bwd only; sample: the two sampling workloads only")
+    p.add_argument("--dense-lookup-grad", action="store_true",
+                   help="give our tied embedding lookup the plain dense gradient (model.py keeps it sparse)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fwd+bwd of each side: self CPU seconds in matmuls vs everything else")
     return p.parse_args(argv)
 
 
@@ -133,8 +143,8 @@ def sample_theirs(hf, prompt, sizes: Sizes):
     return step
 
 
-def time_pair(ours, theirs, repeats: int) -> tuple[float, float]:
-    """Median seconds of each function after one warm-up run each, alternating so drift hits both."""
+def time_runs(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each run of both functions after one warm-up run each, alternating so drift hits both."""
     ours(), theirs()
     times = {ours: [], theirs: []}
     for _ in range(repeats):
@@ -142,31 +152,69 @@ def time_pair(ours, theirs, repeats: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             fn()
             times[fn].append(time.perf_counter() - t0)
-    return statistics.median(times[ours]), statistics.median(times[theirs])
+    return times[ours], times[theirs]
+
+
+def time_pair(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each function (see time_runs)."""
+    o, t = time_runs(ours, theirs, repeats)
+    return statistics.median(o), statistics.median(t)
 
 
 # -----------------------------------------------------------------------------
 # Main
 
 
-def run(sizes: Sizes, repeats: int) -> list[dict]:
+def profile_split(step) -> dict:
+    """Self CPU seconds of one call of `step`: matrix products, the rest, and the five largest other ops.
+
+    Both sides run the same matrix products (identical shapes, the same BLAS), so on a machine whose
+    speed drifts the non-matmul part is the comparison that noise disturbs least."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    matmul = sum(v for k, v in ops.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    rest = {k: v for k, v in ops.items() if k not in ("aten::mm", "aten::addmm", "aten::bmm")}
+    top = dict(sorted(rest.items(), key=lambda kv: -kv[1])[:5])
+    return {"matmul_s": matmul, "other_s": sum(rest.values()), "top_other": top}
+
+
+def run(sizes: Sizes, repeats: int, workloads: str = "all", dense_lookup_grad: bool = False,
+        profile: bool = False) -> list[dict]:
     results = []
 
     def record(name, tokens, ours, theirs):
-        o, t = time_pair(ours, theirs, repeats)
+        ours_runs, theirs_runs = time_runs(ours, theirs, repeats)
+        o, t = statistics.median(ours_runs), statistics.median(theirs_runs)
+        # paired: run i of each side ran back to back, so their ratio cancels slow machine drift
+        paired = statistics.median(b / a for a, b in zip(ours_runs, theirs_runs))
         results.append({"workload": name, "ours_s": o, "theirs_s": t, "tokens": tokens,
-                        "ours_tok_s": tokens / o, "theirs_tok_s": tokens / t, "ratio": t / o})
-        print(f"  {name}: ours {o:.2f} s, transformers {t:.2f} s", flush=True)
+                        "ours_tok_s": tokens / o, "theirs_tok_s": tokens / t, "ratio": t / o,
+                        "paired_ratio": paired, "ours_runs_s": ours_runs, "theirs_runs_s": theirs_runs})
+        print(f"  {name}: ours {o:.2f} s ({min(ours_runs):.2f}-{max(ours_runs):.2f}), transformers {t:.2f} s "
+              f"({min(theirs_runs):.2f}-{max(theirs_runs):.2f}), median paired ratio {paired:.2f}", flush=True)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, sizes.vocab, (sizes.train_batch, sizes.train_len), generator=g)
     prompt = torch.randint(0, sizes.vocab, (sizes.prompt_len,), generator=g)
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build_models(sizes, Path(tmp))
-        hf.train(), ours.train()
-        record("fwd+bwd fp32", ids.numel(), fwd_bwd_ours(ours, ids), fwd_bwd_theirs(hf, ids))
-        hf.eval(), ours.eval()
-        hf.zero_grad(set_to_none=True), ours.zero_grad(set_to_none=True)
+        if workloads in ("all", "train"):
+            ours.embed_tokens.sparse = ours.embed_tokens.sparse and not dense_lookup_grad
+            hf.train(), ours.train()
+            record("fwd+bwd fp32", ids.numel(), fwd_bwd_ours(ours, ids), fwd_bwd_theirs(hf, ids))
+            if profile:
+                for side, step in (("ours", fwd_bwd_ours(ours, ids)), ("transformers", fwd_bwd_theirs(hf, ids))):
+                    split = profile_split(step)
+                    results[-1][f"profile_{side}"] = split
+                    print(f"  profile {side}: matmul {split['matmul_s']:.2f} s, other ops {split['other_s']:.2f} s; "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in split["top_other"].items()), flush=True)
+            hf.eval(), ours.eval()
+            hf.zero_grad(set_to_none=True), ours.zero_grad(set_to_none=True)
+        if workloads == "train":
+            return results
         n = sizes.samples * sizes.new_tokens
         record("sample fp32", n, sample_ours(ours, prompt, sizes), sample_theirs(hf, prompt, sizes))
         del ours
@@ -196,7 +244,7 @@ def main(argv=None) -> list[dict]:
     shape = "quick" if args.quick else "0.5B-shape"
     print(f"{shape}: {sizes}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}", flush=True)
-    results = run(sizes, args.repeats)
+    results = run(sizes, args.repeats, args.workloads, args.dense_lookup_grad, args.profile)
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps({"workload": shape, "sizes": vars(sizes), "threads": args.threads,

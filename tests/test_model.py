@@ -128,6 +128,36 @@ def test_logits_match_transformers(hf_checkpoint):
         assert (logits[i, :len(p)] - ref).abs().max() <= 1e-4
 
 
+def test_gradients_match_transformers(hf_checkpoint):
+    """Every parameter's gradient of a next-token loss equals transformers'; tied embeddings (whose lookup
+    gradient is sparse) end with one dense .grad, accumulate over two backward passes, and AdamW steps."""
+    hf, path = hf_checkpoint
+    ours = load_model(path).train()
+    hf = hf.train()
+    ids = right_pad(PROMPTS)[:, :9]  # the shortest prompt has 9 tokens: no padding in the loss
+
+    def loss_of(logits):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    hf.zero_grad(set_to_none=True)
+    loss_of(hf(ids).logits).backward()
+    loss_of(ours.logits(ours(ids))).backward()
+    theirs = {n.removeprefix("model."): p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert not p.grad.is_sparse, name
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+    emb = ours.embed_tokens.weight
+    assert ours.embed_tokens.sparse == ours.config.tie_word_embeddings
+    first = emb.grad.clone()
+    loss_of(ours.logits(ours(ids))).backward()  # accumulates into the existing dense .grad
+    torch.testing.assert_close(emb.grad, 2 * first)
+    before = emb.detach().clone()
+    torch.optim.AdamW(ours.parameters(), lr=1e-3).step()
+    assert not torch.equal(emb.detach(), before)
+    hf.zero_grad(set_to_none=True), hf.eval()  # the fixture is shared with the other tests
+
+
 @torch.no_grad()
 def test_greedy_generation_matches_transformers(hf_checkpoint):
     """Greedy decoding with our KV cache gives transformers' 32 tokens, token for token."""
@@ -512,7 +542,7 @@ def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
 
 
 def test_benchmark_runs_in_quick_mode(tmp_path, monkeypatch):
-    """benchmarks/bench_model.py --quick runs every workload and writes positive timings."""
+    """bench_model.py --quick runs every workload with positive timings; --workloads train --profile too."""
     pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
     bench = importlib.util.module_from_spec(spec)
@@ -521,8 +551,15 @@ def test_benchmark_runs_in_quick_mode(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         bench.main(["--quick", "--threads", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+        results = json.loads((tmp_path / "r.json").read_text())["results"]
+        assert {r["workload"] for r in results} == {"fwd+bwd fp32", "sample fp32", "sample bf16"}
+        assert all(r["ours_s"] > 0 and r["theirs_s"] > 0 and math.isfinite(r["ratio"]) for r in results)
+        assert all(len(r["ours_runs_s"]) == len(r["theirs_runs_s"]) == 1 for r in results)
+        train_only = bench.main(["--quick", "--threads", "1", "--repeats", "1", "--workloads", "train",
+                                 "--profile", "--dense-lookup-grad"])
+        assert [r["workload"] for r in train_only] == ["fwd+bwd fp32"]
+        for side in ("ours", "transformers"):
+            split = train_only[0][f"profile_{side}"]
+            assert split["matmul_s"] > 0 and split["other_s"] > 0 and split["top_other"]
     finally:
         torch.set_num_threads(threads)
-    results = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert {r["workload"] for r in results} == {"fwd+bwd fp32", "sample fp32", "sample bf16"}
-    assert all(r["ours_s"] > 0 and r["theirs_s"] > 0 and math.isfinite(r["ratio"]) for r in results)

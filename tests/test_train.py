@@ -57,6 +57,36 @@ def test_resume_replays_the_same_steps(tiny_run, tmp_path):
     for step in (3, 4):
         for key in ("reward_mean", "loss", "grad_norm", "response_length_mean"):
             assert a[step][key] == pytest.approx(b[step][key], abs=1e-6), (step, key)
+    ea, eb = metrics(tiny_run, "eval"), metrics(out, "eval")
+    assert sorted(eb) == [0, 2, 4] and all(ea[s]["mae"] == pytest.approx(eb[s]["mae"]) for s in ea)
+    state = [json.loads((d / "checkpoint" / "trainer_state.json").read_text()) for d in (tiny_run, out)]
+    assert state[0]["best"]["step"] == state[1]["best"]["step"]  # the best-so-far survives the resume
+
+
+def test_select_best_scores_the_weights_of_the_best_validation_mae(tiny_run):
+    """--select best (the demo default): the test row is the step with the lowest validation MAE."""
+    evals = metrics(tiny_run, "eval")
+    assert sorted(evals) == [0, 2, 4]  # step 0 = the cold-start model, then every --eval-every steps
+    best = min(evals, key=lambda s: (evals[s]["mae"], s))
+    (test,) = metrics(tiny_run, "test").values()
+    assert test["step"] == best
+    assert f"best valid MAE: step {best} of 4" in (tiny_run / "results.md").read_text()
+    state = json.loads((tiny_run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["best"]["step"] == best and state["best"]["mae"] == pytest.approx(evals[best]["mae"])
+    saved = load_model(tiny_run / "best")
+    reference = load_model(tiny_run / ("cold_start" if best == 0 else "checkpoint"))
+    if best in (0, 4):  # those weights are on disk elsewhere too: they must be the same tensors
+        for (name, p), q in zip(saved.named_parameters(), reference.parameters()):
+            assert torch.equal(p, q), name
+
+
+def test_select_last_scores_the_final_weights(tmp_path):
+    """--select last: no best/ copy, and the test row is the final step."""
+    out = tmp_path / "last"
+    train.main(TINY + ["--out", str(out), "--steps", "2", "--select", "last"])
+    (test,) = metrics(out, "test").values()
+    assert test["step"] == 2 and not (out / "best").exists()
+    assert "LLM after GRPO (step 2)" in (out / "results.md").read_text()
 
 
 def test_one_grpo_step_changes_every_parameter():
