@@ -106,6 +106,7 @@ def fail(msg: str):
 
 
 def check_args(args):
+    """Refuse bad flag combinations and missing paths before any work starts (one line, exit 2)."""
     if args.data and not args.data_format:
         fail("--data needs --data-format")
     if args.data_format and not args.data:
