@@ -1,6 +1,8 @@
-"""Tests for model.py, sampling.py and tokenizer.py: equivalence with `transformers`, the KV cache and
-the sampler, checkpoint errors, and the real tokenizer against its chat template. All on CPU with tiny
-models (hidden 64, 2 layers, vocab 300); the `transformers` comparisons skip when it is not installed."""
+"""Tests for model.py: logits, gradients and greedy generation equal to `transformers`, saving and
+loading (shards, bf16, bad checkpoints), config parsing, gradient checkpointing, and the speed
+benchmark's quick mode. All on CPU with tiny models (hidden 64, 2 layers, vocab 300, tiny_models.py);
+the `transformers` comparisons skip when it is not installed. sampling.py and tokenizer.py have
+their own test files."""
 
 from __future__ import annotations
 
@@ -16,57 +18,11 @@ import torch.nn.functional as F
 
 import model as model_module
 from model import CheckpointError, ModelConfig, Transformer, load_config, load_model, save_model
-from sampling import SamplingConfig, filter_logits, generate, sample_tokens
-from tokenizer import Tokenizer
+from sampling import generate
+from tiny_models import GREEDY, PROMPTS, VOCAB, randomise, right_pad, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 300
-# three prompts of different lengths, so one batch has right padding of 0, 4 and 10 tokens
-PROMPTS = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-           for n in (13, 9, 3)]
-GREEDY = SamplingConfig(max_new_tokens=32, temperature=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers
-    make each small matmul 100x slower; run this file single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2):
-    """Re-draw every weight with a larger std than the default 0.02 so logits are far from uniform
-    (argmax ties would make greedy comparisons meaningless); norm weights around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            p.copy_(noise + 1.0 if "norm" in name else noise)
-    return module
-
-
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """A random 2-layer model of our own (no transformers needed)."""
-    cfg = dict(arch="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-               num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return randomise(Transformer(ModelConfig(**{**cfg, **overrides})), seed).eval()
-
-
-def right_pad(prompts, pad=0):
-    ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    return ids
-
-
-@torch.no_grad()
-def full_logits(model, ids: list[int]) -> torch.Tensor:
-    """(T, V) fp32 logits of one unpadded sequence from a single forward pass (no cache)."""
-    return model.logits(model(torch.tensor([ids])))[0].float()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
@@ -194,132 +150,6 @@ def test_sharded_checkpoint_loads(hf_checkpoint, tmp_path):
     assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
     a, b = load_model(path).state_dict(), load_model(tmp_path).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# -----------------------------------------------------------------------------
-# The KV cache and the sampler
-
-
-def test_kv_cache_decoding_equals_full_forward():
-    """Greedy tokens and temperature-1 log-probs from the cached decode loop equal one full forward pass."""
-    model = tiny_model()
-    greedy = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=0.0))
-    sampled = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=1.0), num_samples=2,
-                       generator=torch.Generator().manual_seed(0))
-    for gen in (greedy, sampled):
-        for row, completion in enumerate(gen.completions()):
-            p = PROMPTS[int(gen.prompt_index[row])]
-            logp = full_logits(model, p + completion)[len(p) - 1:-1].log_softmax(-1)  # (20, V)
-            if gen is greedy:
-                assert logp.argmax(-1).tolist() == completion
-            expected = logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
-            torch.testing.assert_close(gen.logprobs[row], expected, atol=1e-5, rtol=0)
-
-
-def test_sampling_logprobs_use_the_temperature():
-    """At temperature 0.7 the returned log-probs are log_softmax(logits / 0.7) of the sampled tokens."""
-    model = tiny_model()
-    gen = generate(model, PROMPTS[:1], SamplingConfig(max_new_tokens=8, temperature=0.7),
-                   generator=torch.Generator().manual_seed(0))
-    completion = gen.completions()[0]
-    logp = (full_logits(model, PROMPTS[0] + completion)[len(PROMPTS[0]) - 1:-1] / 0.7).log_softmax(-1)
-    expected = logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
-    torch.testing.assert_close(gen.logprobs[0], expected, atol=1e-5, rtol=0)
-
-
-def test_seeded_sampling_is_reproducible():
-    """The same generator seed gives identical samples; a different seed gives different ones."""
-    model, cfg = tiny_model(), SamplingConfig(max_new_tokens=16, temperature=1.0)
-
-    def run(seed):
-        return generate(model, PROMPTS, cfg, num_samples=2, generator=torch.Generator().manual_seed(seed))
-
-    a, b, c = run(0), run(0), run(1)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
-    assert not torch.equal(a.tokens, c.tokens)
-
-
-# probs [0.5, 0.2, 0.15, 0.1, 0.05] stored in a shuffled order, to check the scatter back to vocab order.
-# fp32, the dtype generate() filters in: there softmax(log p) gives the masses 0.5 and 0.7 at the
-# boundaries exactly (in fp64 they come out 1 ulp low and top_p=0.5 would keep a second token).
-ORDER = [3, 0, 4, 1, 2]  # position j holds the token of rank ORDER[j]
-PROBS = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float32)
-
-
-@pytest.mark.parametrize("top_k, top_p, kept_ranks", [
-    (2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.71, {0, 1, 2}), (0, 0.5, {0}), (0, 0.3, {0}),
-    (0, 1.0, {0, 1, 2, 3, 4}), (4, 1.0, {0, 1, 2, 3}), (3, 0.6, {0, 1}), (1, 1.0, {0}),
-])
-def test_top_k_top_p_keep_exactly_the_right_tokens(top_k, top_p, kept_ranks):
-    """top-k keeps the k most likely tokens; top-p the fewest most likely whose mass reaches top_p."""
-    logits = PROBS[ORDER].log()[None]
-    kept = filter_logits(logits, top_k=top_k, top_p=top_p)[0].isfinite().nonzero().flatten().tolist()
-    assert {ORDER[j] for j in kept} == kept_ranks
-
-
-def test_sample_tokens_draws_from_the_given_distribution():
-    """Inverse-CDF sampling reproduces the probabilities and never draws a zero-probability token."""
-    probs = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.15, 0.1, 0.05, 0.0])  # zeros first, inside and last
-    n = 40000
-    tokens = sample_tokens(probs.log().expand(n, -1), torch.Generator().manual_seed(0))
-    freq = torch.bincount(tokens, minlength=len(probs)) / n
-    assert (freq[probs == 0] == 0).all()
-    assert (freq - probs).abs().max() < 0.01  # 4 standard deviations of the largest cell
-
-
-def test_each_row_stops_at_its_own_stop_id():
-    """Rows end at their first stop id (kept, last), pad after it, and only truncated rows lack one."""
-    torch.manual_seed(0)  # default std-0.02 init: next-token distribution near uniform over 12 tokens
-    model = Transformer(ModelConfig(vocab_size=12, hidden_size=32, intermediate_size=64, head_dim=8))
-    stops, pad, T = (3, 7), 11, 10
-    gen = generate(model.eval(), [[1, 2], [4, 5, 6]], SamplingConfig(max_new_tokens=T, stop_ids=stops),
-                   num_samples=8, generator=torch.Generator().manual_seed(0), pad_id=pad)
-    assert gen.prompt_index.tolist() == [0] * 8 + [1] * 8
-    assert 0 < int(gen.truncated.sum()) < 16  # both kinds of row occur with this seed
-    for row, n in enumerate(gen.lengths.tolist()):
-        tokens = gen.tokens[row].tolist()
-        assert all(t == pad for t in tokens[n:]) and (gen.logprobs[row, n:] == 0).all()
-        assert not any(t in stops for t in tokens[:n - 1])
-        assert (tokens[n - 1] in stops) == (not gen.truncated[row])
-        assert gen.truncated[row] == (n == T and tokens[n - 1] not in stops)
-        assert (gen.logprobs[row, :n] < 0).all()
-    assert gen.stop_reason.count("length") == int(gen.truncated.sum())
-
-
-def test_group_samples_share_one_prefill():
-    """num_samples=G from one prefill equals G separate copies of the prompt: greedy rows, seeded samples."""
-    model = tiny_model()
-    g3 = generate(model, PROMPTS, GREEDY, num_samples=3)
-    g1 = generate(model, PROMPTS, GREEDY)
-    assert g3.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    for row in range(9):
-        assert torch.equal(g3.tokens[row], g1.tokens[row // 3])
-
-    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
-    shared = generate(model, PROMPTS, cfg, num_samples=3, generator=torch.Generator().manual_seed(5))
-    copies = generate(model, [p for p in PROMPTS for _ in range(3)], cfg, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(shared.tokens, copies.tokens)
-    torch.testing.assert_close(shared.logprobs, copies.logprobs, atol=1e-5, rtol=0)
-
-
-def test_batched_prompts_equal_each_prompt_alone():
-    """Prompts of different lengths in one call give the same greedy continuation as each one alone."""
-    for kw in ({}, dict(arch="llama", qkv_bias=False, tie_word_embeddings=False),
-               dict(arch="qwen3", qkv_bias=False, head_dim=24)):
-        model = tiny_model(**kw)
-        batch = generate(model, PROMPTS, GREEDY)
-        for i, p in enumerate(PROMPTS):
-            alone = generate(model, [p], GREEDY)
-            assert batch.completions()[i] == alone.completions()[0]
-            torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
-
-
-def test_generate_refuses_empty_prompts():
-    """An empty prompt list or an empty prompt is a ValueError, not an index error deep in the loop."""
-    with pytest.raises(ValueError):
-        generate(tiny_model(), [], GREEDY)
-    with pytest.raises(ValueError):
-        generate(tiny_model(), [[1, 2], []], GREEDY)
 
 
 # -----------------------------------------------------------------------------
@@ -467,74 +297,6 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch):
     torch.testing.assert_close(ckpt_loss, plain_loss, atol=1e-6, rtol=0)
     for n in plain_grads:
         torch.testing.assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer and chat formats
-
-TEXTS = ["Hello, world!", "  two spaces, a\ttab and a\nnewline ", "naïve café, Zürich, 東京, Ελληνικά",
-         "emoji 🎬🍿👍🏽 ok", "<analyze user>likes jazz</analyze user>\n<analyze item>[pos] smooth</analyze item>\n"
-         "<match>good fit</match>\n<rate>4</rate>"]
-
-
-def render(template: str, messages, **kw) -> str:
-    jinja2 = pytest.importorskip("jinja2")
-    return jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True, **kw)
-
-
-def test_smollm2_tokenizer_round_trips_text(smollm2_dir):
-    """decode(encode(text)) == text for ASCII, unicode, emoji and the four RecZero tags."""
-    tok = Tokenizer(smollm2_dir)
-    for text in TEXTS:
-        assert tok.decode(tok.encode(text)) == text
-
-
-def test_smollm2_stop_ids_and_chat_template(smollm2_dir):
-    """<|im_end|> (id 2) is a stop id, and apply_chat equals chat_template.jinja for system + user."""
-    tok = Tokenizer(smollm2_dir)
-    assert tok.chat_format == "chatml" and tok.tok.token_to_id("<|im_end|>") == 2 and 2 in tok.stop_ids
-    messages = [{"role": "system", "content": "You predict ratings."}, {"role": "user", "content": TEXTS[4]}]
-    template = (smollm2_dir / "chat_template.jinja").read_text()
-    text = tok.apply_chat(messages)
-    assert text == render(template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token)
-    # the special tokens the format writes must encode as single ids, not as their characters
-    assert tok.encode(text).count(tok.tok.token_to_id("<|im_start|>")) == 3
-
-
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-
-
-def test_llama3_chat_format_matches_its_template(tmp_path):
-    """A Llama 3 tokenizer dir gets the header format the template prints, and <|eot_id|> stops."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-
-    words = ["[UNK]", "You", "rate", "films", ".", "I", "like", "jazz", "system", "user", "assistant"]
-    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                           "<|end_header_id|>", "<|eot_id|>"])
-    hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-
-    tok = Tokenizer(tmp_path)
-    assert tok.chat_format == "llama3"
-    messages = [{"role": "system", "content": " You rate films.\n"}, {"role": "user", "content": "I like jazz "}]
-    text = tok.apply_chat(messages)
-    assert text == render(LLAMA3_TEMPLATE, messages, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
-    assert {hf.token_to_id("<|eot_id|>"), hf.token_to_id("<|end_of_text|>")} <= set(tok.stop_ids)
-    assert tok.encode(text).count(hf.token_to_id("<|start_header_id|>")) == 3
-
-
-def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
-    """A directory without tokenizer.json is a CheckpointError naming the file."""
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
-        Tokenizer(tmp_path)
 
 
 # -----------------------------------------------------------------------------
