@@ -1,6 +1,7 @@
 """Rating datasets: one record type, leak-free time splits and the histories a prompt may show.
 
-The readers of the public file formats are in readers.py; the embedded synthetic data in synthetic.py.
+The readers of the public file formats are in plumbing/readers.py, the embedded synthetic data in
+plumbing/synthetic.py; docs/data.md describes the formats.
 
 Simplifications and decisions:
 - Everything is held in memory as plain dataclasses; the datasets the paper uses (Amazon Music/Book,
@@ -17,6 +18,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import accumulate, islice
 from typing import Callable, Iterable
+
+RATING_SCALE = (1.0, 5.0)  # the 1-5 stars of Amazon, Yelp and MovieLens 100K / 1M
 
 
 # ---------------------------------------------------------------- records
@@ -45,6 +48,11 @@ class Rating:
     review: str = ""
     summary: str = ""
 
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """(user_id, item_id, time): names one interaction, e.g. in a trace file or a fallback table."""
+        return (self.user_id, self.item_id, self.time)
+
 
 @dataclass
 class RatingData:
@@ -54,7 +62,7 @@ class RatingData:
     ratings: list[Rating]
     items: dict[str, Item]
     skipped: int = 0
-    scale: tuple[float, float] = (1.0, 5.0)
+    scale: tuple[float, float] = RATING_SCALE
 
 
 @dataclass

@@ -1,9 +1,14 @@
-"""GRPO: group-relative advantages, the clipped surrogate, KL estimators and one update step.
+"""GRPO: sample a group of completions per prompt, score them, and push up the better-than-average ones.
 
-The algorithm (DeepSeekMath §4.1, as used by RecZero): sample G completions per prompt, score each
-with a rule-based reward, turn rewards into advantages by comparing each completion with the others
-of its group, and push up the log-probability of every token of the better-than-average ones through
-a PPO-style clipped ratio. There is no value model; the group mean is the baseline.
+The algorithm (DeepSeekMath §4.1, as used by RecZero), in the order this file is written and with the
+step numbers of the README and of train.py:
+  1-2. rollout(): sample G completions per prompt, score each with the task's reward function.
+  3.   group_advantages(): compare each completion with the others of its group (no value model:
+       the group mean is the baseline).
+  4.   token_logprobs(): log-probabilities of the sampled tokens under the policy being trained.
+  5.   clipped_surrogate() (+ kl_estimate()): the PPO-style per-token loss.
+  6.   aggregation_weights(): how per-token losses are averaged into one number.
+  7.   grpo_update(): gradients over micro-batches, clipping, AdamW; mu passes per rollout batch.
 
 Choices and simplifications:
 - beta = 0 by default, as in the RecZero paper: no KL term, so no reference model is built or run.
@@ -18,33 +23,39 @@ Choices and simplifications:
   the whole batch, so the gradient does not depend on how the batch is split into micro-batches.
 - With mu = 1 (one pass per rollout batch, the paper's setting) the old log-probs are the current
   ones detached: the ratio is exactly 1 and the update is the REINFORCE gradient with a group baseline.
+- The policy is anything with forward(ids) -> hidden states and logits(hidden) (model.Transformer,
+  or a test's mock); forward_grouped() is used when it has one.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from model import Generation, SamplingConfig, generate, right_pad
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass
 class GRPOConfig:
-    """Everything the update step needs; defaults follow the paper / verl (see PAPER.md §4)."""
+    """Everything the update step needs. Each field is named as train.py's flag (`--clip-low` is
+    clip_low); the defaults are the paper's where it gives one and verl's where it does not."""
 
-    scale: str = "group"  # advantage scale: "group" | "batch" | "none"
+    adv_scale: str = "group"  # advantage std: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
     adv_eps: float = 1e-6
-    eps_low: float = 0.2  # ratio clipped to [1 - eps_low, 1 + eps_high]; DAPO uses eps_high 0.28
-    eps_high: float = 0.2
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]; DAPO: clip_high 0.28
+    clip_high: float = 0.2
     beta: float = 0.0  # KL coefficient; 0 in the paper, so no reference model
     kl_estimator: str = "k3"
     loss_agg: str = "token-mean"
-    max_completion_length: int = 1024  # the Dr. GRPO constant normaliser
+    max_new_tokens: int = 1024  # the completion cap: Dr. GRPO's constant normaliser
     mu: int = 1  # passes (optimizer steps) over each rollout batch
-    micro_batch_size: int | None = None  # rows per forward/backward; None = the whole batch
+    micro_batch: int | None = None  # rows per forward/backward; None = the whole batch
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # must equal the sampler's temperature
     drop_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
@@ -56,9 +67,10 @@ class GRPOConfig:
 class RolloutBatch:
     """One optimizer batch of sampled completions, N rows, L = longest prompt + completion.
 
-    input_ids: (N, L) prompt then completion, right-padded (pad value is irrelevant: masks come
-    from lengths). old_logprobs: (N, L) the sampler's log-probs aligned with input_ids (0 outside
-    completions), or None; only compared with the scorer's (metric sampler_logp_absdiff).
+    input_ids: (N, L) prompt then completion, right-padded (the pad value is irrelevant: masks come
+    from lengths). sampler_logprobs: (N, L) the log-probs the sampler drew each completion token
+    with, aligned with input_ids (0 elsewhere), or None. They are only compared with the policy's
+    own scores (metric sampler_logp_absdiff); pi_old in the ratio is always scored by the policy.
     """
 
     input_ids: torch.Tensor  # (N, L) long
@@ -67,32 +79,47 @@ class RolloutBatch:
     truncated: torch.Tensor  # (N,) bool
     prompt_index: torch.Tensor  # (N,) long, the group of each row
     rewards: torch.Tensor  # (N,) float
-    old_logprobs: torch.Tensor | None = None
-
-
-def rollout_from_generation(prompts, gen, rewards, pad_id: int = 0) -> RolloutBatch:
-    """Concatenate each prompt with its sampled completion(s) into a right-padded RolloutBatch.
-
-    prompts: list of token lists; gen: a model.Generation (tokens (N, T), lengths (N,),
-    logprobs (N, T), truncated (N,), prompt_index (N,)); rewards: (N,) or list of floats.
-    """
-    device = gen.tokens.device
-    pidx = gen.prompt_index.long()
-    plens = torch.tensor([len(prompts[i]) for i in pidx.tolist()], dtype=torch.long, device=device)
-    clens = gen.lengths.long()
-    N, L = len(pidx), int((plens + clens).max())
-    input_ids = torch.full((N, L), pad_id, dtype=torch.long, device=device)
-    old = torch.zeros(N, L, dtype=torch.float32, device=device)
-    for row, (i, p, c) in enumerate(zip(pidx.tolist(), plens.tolist(), clens.tolist())):
-        input_ids[row, :p] = torch.tensor(prompts[i], dtype=torch.long, device=device)
-        input_ids[row, p : p + c] = gen.tokens[row, :c]
-        old[row, p : p + c] = gen.logprobs[row, :c].float()
-    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-    return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), pidx, rewards, old)
+    sampler_logprobs: torch.Tensor | None = None
 
 
 # -----------------------------------------------------------------------------
-# Stage 1: group-relative advantages
+# Steps 1-2: sample a group of completions per prompt and score each one
+
+
+def rollout(policy, prompts: list[list[int]], reward_fn: Callable[[int, list[int]], float],
+            sampling: SamplingConfig, samples: int, generator: torch.Generator | None = None,
+            pad_id: int = 0) -> RolloutBatch:
+    """Sample `samples` (G) completions of each prompt and score each with the task's reward.
+
+    reward_fn(prompt_index, completion_ids) -> float is called once per row, in row order (prompt-
+    major: the G rows of prompt 0 first). Returns the RolloutBatch that grpo_update trains on.
+    """
+    gen = generate(policy, prompts, sampling, num_samples=samples, generator=generator, pad_id=pad_id)  # Step 1
+    rewards = [reward_fn(i, c) for i, c in zip(gen.prompt_index.tolist(), gen.completions())]  # Step 2
+    return rollout_from_generation(prompts, gen, rewards, pad_id)
+
+
+def rollout_from_generation(prompts: list[list[int]], gen: Generation, rewards, pad_id: int = 0) -> RolloutBatch:
+    """Concatenate each prompt with its sampled completion(s) into a right-padded RolloutBatch.
+
+    prompts: token lists; gen: a model.Generation (tokens (N, T), lengths (N,), logprobs (N, T),
+    truncated (N,), prompt_index (N,)); rewards: (N,) tensor or list of floats.
+    """
+    device = gen.tokens.device
+    pidx = gen.prompt_index.long()
+    completions = gen.completions()
+    input_ids, _ = right_pad([prompts[i] + c for i, c in zip(pidx.tolist(), completions)], pad_id, device)
+    plens = torch.tensor([len(prompts[i]) for i in pidx.tolist()], dtype=torch.long, device=device)
+    clens = gen.lengths.long()
+    sampler = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)
+    for row, (p, c) in enumerate(zip(plens.tolist(), clens.tolist())):
+        sampler[row, p : p + c] = gen.logprobs[row, :c].float()
+    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+    return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), pidx, rewards, sampler)
+
+
+# -----------------------------------------------------------------------------
+# Step 3: group-relative advantages
 
 
 @dataclass
@@ -103,11 +130,11 @@ class Advantages:
     frac_zero_std_groups: float  # groups with all-equal rewards (or a single sample): no signal
 
 
-def group_advantages(rewards, prompt_index, scale: str = "group", eps: float = 1e-6) -> Advantages:
+def group_advantages(rewards, prompt_index, adv_scale: str = "group", eps: float = 1e-6) -> Advantages:
     """A_i = (r_i - mean of its group) / (std + eps), groups given by prompt_index (N,) long.
 
-    std is the unbiased (Bessel, n - 1) std of the group for scale="group", of all N rewards for
-    scale="batch" (Lite PPO); scale="none" only subtracts the group mean (Dr. GRPO). Groups whose
+    std is the unbiased (Bessel, n - 1) std of the group for adv_scale="group", of all N rewards for
+    "batch" (Lite PPO); "none" only subtracts the group mean (Dr. GRPO). Groups whose
     rewards are all equal, and groups of one sample, get exactly 0.
     """
     r = rewards.double()  # (N,)  double so equal rewards cancel exactly and std is accurate
@@ -120,20 +147,20 @@ def group_advantages(rewards, prompt_index, scale: str = "group", eps: float = 1
     rmax = r.new_full((K,), -math.inf).scatter_reduce(0, g, r, "amax")
     rmin = r.new_full((K,), math.inf).scatter_reduce(0, g, r, "amin")
     no_signal = (rmax == rmin) | (count < 2)  # (K,)
-    if scale == "group":
+    if adv_scale == "group":
         adv = dev / (var.sqrt()[g] + eps)  # GRPO: DeepSeekMath §4.1.2 outcome supervision
-    elif scale == "batch":
+    elif adv_scale == "batch":
         adv = dev / (r.std() + eps) if len(r) > 1 else dev  # Lite PPO: group mean, batch std
-    elif scale == "none":
+    elif adv_scale == "none":
         adv = dev  # Dr. GRPO: no std division (it up-weights too easy / too hard groups)
     else:
-        raise ValueError(f"unknown advantage scale {scale!r}")
+        raise ValueError(f"unknown advantage scale {adv_scale!r}")
     adv = torch.where(no_signal[g], torch.zeros_like(adv), adv)
     return Advantages(adv.to(rewards.dtype), no_signal.double().mean().item())
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: loss mask and token log-probs
+# Step 4: the loss mask and the log-probs of the sampled tokens
 
 
 def completion_mask(prompt_lengths, completion_lengths, seq_len: int, truncated=None) -> torch.Tensor:
@@ -191,8 +218,9 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
     Returns (logp (B, T) fp32, 0 outside the mask; entropy (B, T) detached). The output head runs
     only on positions that predict a completion token, `chunk_size` of them at a time; with grad
     enabled each chunk is checkpointed, so its (chunk, V) logits are recomputed in backward
-    instead of all being kept alive (pitfall 8). Give prompt_lengths (B,) and prompt_index (B,)
-    to share each prompt's forward pass among the rows of its group.
+    instead of all being kept alive (with a 151k vocabulary, (B, T, V) logits would dominate memory).
+    Give prompt_lengths (B,) and prompt_index (B,) to share each prompt's forward pass among the rows
+    of its group.
     """
     assert temperature > 0, "score with the sampling temperature; greedy (T=0) is not trainable"
     assert not loss_mask[:, 0].any(), "position 0 has no preceding hidden state to predict it"
@@ -213,7 +241,7 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
 
 
 # -----------------------------------------------------------------------------
-# Stage 3: per-token losses: clipped surrogate and KL
+# Step 5: per-token losses: the clipped surrogate and the KL
 
 
 def kl_estimate(logp, ref_logp, kind: str = "k3"):
@@ -229,12 +257,12 @@ def kl_estimate(logp, ref_logp, kind: str = "k3"):
         return 0.5 * log_r**2  # Schulman 2020 k2
     if kind == "k3":
         # Schulman 2020 k3 = DeepSeekMath eq. 4: r - log r - 1. expm1 keeps the tiny
-        # differences near r = 1 that exp(x) - 1 would round away (pitfall 9).
+        # differences near r = 1 that exp(x) - 1 would round away.
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
-def clipped_surrogate(logp, old_logp, advantages, eps_low: float = 0.2, eps_high: float = 0.2):
+def clipped_surrogate(logp, old_logp, advantages, clip_low: float = 0.2, clip_high: float = 0.2):
     """Per-token PPO-clip loss (to minimise) with separate lower / upper clip ranges.
 
     logp, old_logp: (B, T); advantages: broadcastable, e.g. (B, 1). Returns (loss (B, T),
@@ -243,20 +271,24 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low: float = 0.2, eps_high
     """
     ratio = torch.exp(logp - old_logp)  # DeepSeekMath eq. 3: pi_theta / pi_old
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)  # DAPO eq. 8 (clip-higher)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # DAPO eq. 8 (clip-higher)
     loss = torch.maximum(unclipped, clipped)  # min of the objectives = max of the losses
     r = ratio.detach()
-    clipped_low = (advantages < 0) & (r < 1 - eps_low)
-    clipped_high = (advantages > 0) & (r > 1 + eps_high)
+    clipped_low = (advantages < 0) & (r < 1 - clip_low)
+    clipped_high = (advantages > 0) & (r > 1 + clip_high)
     return loss, r, clipped_low, clipped_high
 
 
-def aggregation_weights(mask, mode: str = "token-mean", max_completion_length: int | None = None,
+# -----------------------------------------------------------------------------
+# Step 6: aggregation: per-token losses -> one number, with weights over the whole batch
+
+
+def aggregation_weights(mask, mode: str = "token-mean", max_new_tokens: int | None = None,
                         all_reduce=None):
     """(N, T) weights w with loss = sum(w * per_token_loss), computed over the whole optimizer batch.
 
     token-mean (DAPO): 1 / (tokens in the batch); seq-mean-token-mean (GRPO): 1 / (|o_i| * seqs);
-    seq-mean-token-sum-norm (Dr. GRPO): 1 / (max_completion_length * seqs). Rows with no loss
+    seq-mean-token-sum-norm (Dr. GRPO): 1 / (max_new_tokens * seqs). Rows with no loss
     tokens (e.g. dropped truncations) do not count as sequences. With data parallelism,
     `all_reduce` (a sum over ranks) makes the token and sequence counts global.
     """
@@ -271,67 +303,66 @@ def aggregation_weights(mask, mode: str = "token-mean", max_completion_length: i
     if mode == "seq-mean-token-mean":
         return m / lengths.clamp(min=1) / n_seqs  # DeepSeekMath eq. 3: 1/G sum_i 1/|o_i| sum_t
     if mode == "seq-mean-token-sum-norm":
-        assert max_completion_length, "Dr. GRPO needs a constant normaliser"
-        return m / (max_completion_length * n_seqs)  # Dr. GRPO: 1/G sum_i 1/L_max sum_t
+        assert max_new_tokens, "Dr. GRPO needs a constant normaliser"
+        return m / (max_new_tokens * n_seqs)  # Dr. GRPO: 1/G sum_i 1/L_max sum_t
     raise ValueError(f"unknown loss aggregation {mode!r}; one of {LOSS_AGG_MODES}")
 
 
 # -----------------------------------------------------------------------------
-# Stage 4: one update step
+# Step 7: one update (gradients over micro-batches, clipping, AdamW), mu times
 
 
-def _micro_batches(n: int, size: int | None):
+def _micro_batches(n: int, size: int | None) -> list[slice]:
     size = size or n
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _rows(x, mb):
-    return None if x is None else x[mb]
+def _take_rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if x is None else x[rows]
 
 
-@torch.no_grad()
-def _batch_logprobs(policy, batch, mask, cfg):
-    # (N, L) log-probs of a whole batch, micro-batch by micro-batch, without grad.
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for mb in _micro_batches(len(mask), cfg.micro_batch_size):
-        out[mb] = token_logprobs(policy, batch.input_ids[mb], mask[mb], cfg.temperature, cfg.logprob_chunk,
-                                 *_group_args(policy, batch, mb, cfg))[0]
-    return out
-
-
-def _group_args(policy, batch, mb, cfg):
+def _group_args(policy, batch: RolloutBatch, rows: slice, cfg: GRPOConfig):
     # (prompt_lengths, prompt_index) of the micro-batch when its groups can share their prompt pass
     if cfg.share_prompt and hasattr(policy, "forward_grouped"):
-        return batch.prompt_lengths[mb], batch.prompt_index[mb]
+        return batch.prompt_lengths[rows], batch.prompt_index[rows]
     return None, None
 
 
+@torch.no_grad()
+def _batch_logprobs(policy, batch: RolloutBatch, mask, cfg: GRPOConfig) -> torch.Tensor:
+    """(N, L) log-probs of the whole batch under `policy`, micro-batch by micro-batch, without grad."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for rows in _micro_batches(len(mask), cfg.micro_batch):
+        out[rows] = token_logprobs(policy, batch.input_ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
+                                   *_group_args(policy, batch, rows, cfg))[0]
+    return out
+
+
 def _micro_batch_step(policy, ids, mask, weights, adv, old, ref, sampler_logp, cfg, groups) -> dict[str, float]:
-    """Forward, per-token losses and backward for one micro-batch; returns sums, not yet averaged."""
-    # Stage 3: per-token losses
-    logp, entropy = token_logprobs(policy, ids, mask, cfg.temperature, cfg.logprob_chunk, *groups)  # (b, L)
-    old = logp.detach() if old is None else old  # mu = 1: ratio exactly 1
-    pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
-    pg_loss = (pg * weights).sum()
+    """Steps 4-5 for one micro-batch, then its backward; returns sums, not yet averaged."""
+    logp, entropy = token_logprobs(policy, ids, mask, cfg.temperature, cfg.logprob_chunk, *groups)  # Step 4 (b, L)
+    old = logp.detach() if old is None else old  # mu = 1: pi_old is the policy itself, the ratio exactly 1
+    pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, adv, cfg.clip_low, cfg.clip_high)  # Step 5
+    pg_loss = (pg * weights).sum()  # Step 6: the weights carry the whole batch's normaliser
     loss, kl = pg_loss, torch.zeros(())
     if ref is not None:
         kl = (kl_estimate(logp, ref, cfg.kl_estimator) * weights).sum()
         loss = loss + cfg.beta * kl  # DeepSeekMath eq. 3: the KL enters the loss, not the reward
-    loss.backward()  # the weights already carry the whole-batch normaliser: no division here
+    loss.backward()  # gradients add up over micro-batches into the whole batch's gradient
     lp = logp.detach()
     stats = {"loss": loss, "pg_loss": pg_loss, "kl": kl,
              # the rest are token sums, divided by the batch's token count at the end
              "ppo_kl": (old - lp) * mask,  # k1 of pi_old from pi (verl's ppo_kl)
              "pg_clipfrac_low": clip_low & mask, "pg_clipfrac_high": clip_high & mask,
              "ratio_mean": ratio * mask, "entropy": entropy * mask}
-    if sampler_logp is not None:  # pitfall 2: sampled and scored with one distribution?
+    if sampler_logp is not None:  # were the tokens scored with the distribution they were drawn from?
         stats["sampler_logp_absdiff"] = (lp - sampler_logp).abs() * mask
     return {k: v.sum().item() for k, v in stats.items()}
 
 
 def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None,
                 all_reduce=None) -> dict[str, float]:
-    """Run cfg.mu optimizer steps on one rollout batch; return averaged metrics (verl-style names).
+    """Steps 3-7 on one rollout batch: cfg.mu optimizer steps; returns averaged metrics (verl's names).
 
     Each pass zero-grads, accumulates gradients over micro-batches (weights fixed over the whole
     batch), clips the grad norm and steps. A pass with a non-finite loss or grad norm does not step:
@@ -343,13 +374,15 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
     """
     assert cfg.beta == 0 or ref_policy is not None, "beta > 0 needs a reference policy"
     assert cfg.loss_agg in LOSS_AGG_MODES, cfg.loss_agg
-    # Stage 1: advantages from the explicit prompt index (pitfall 5)
-    adv = group_advantages(batch.rewards, batch.prompt_index, cfg.scale, cfg.adv_eps)
+    # Step 3: advantages, grouped by the explicit prompt index (never by row order or text)
+    adv = group_advantages(batch.rewards, batch.prompt_index, cfg.adv_scale, cfg.adv_eps)
     A = adv.advantages.float()[:, None]  # (N, 1): one advantage for all tokens of a row
-    # Stage 2: mask and normalisers, over the whole optimizer batch (pitfalls 1 and 3)
+    # Step 4: which positions are trained on: each completion and its stop token, from lengths
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1],
                            batch.truncated if cfg.drop_truncated else None)
-    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_completion_length, all_reduce)
+    # Step 6: the aggregation weights, over the whole optimizer batch before the first micro-batch
+    # (normalising per micro-batch would make the gradient depend on how the batch is split)
+    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce)
     # pi_old must stay fixed across the mu passes. It is rescored by the policy itself (as verl does),
     # so sampler/trainer numerical differences never enter the ratio; they are only logged.
     old_all = _batch_logprobs(policy, batch, mask, cfg) if cfg.mu > 1 else None
@@ -358,13 +391,14 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
     totals, passes, skipped = {}, 0, 0.0
     for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        for mb in _micro_batches(len(mask), cfg.micro_batch_size):
-            sampler = batch.old_logprobs if passes == 0 else None
-            stats = _micro_batch_step(policy, batch.input_ids[mb], mask[mb], weights[mb], A[mb],
-                                      _rows(old_all, mb), _rows(ref_all, mb), _rows(sampler, mb), cfg,
-                                      _group_args(policy, batch, mb, cfg))
+        for rows in _micro_batches(len(mask), cfg.micro_batch):  # Steps 4-6, micro-batch by micro-batch
+            sampler = batch.sampler_logprobs if passes == 0 else None
+            stats = _micro_batch_step(policy, batch.input_ids[rows], mask[rows], weights[rows], A[rows],
+                                      _take_rows(old_all, rows), _take_rows(ref_all, rows),
+                                      _take_rows(sampler, rows), cfg, _group_args(policy, batch, rows, cfg))
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
+        # Step 7: one optimizer step on the accumulated gradient
         if all_reduce is not None:  # each rank holds part of one sum-normalised loss: add the parts
             for p in params:
                 if p.grad is None:  # a rank may not have touched every parameter; it must still join

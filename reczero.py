@@ -1,7 +1,8 @@
 """RecZero task: the four-step prompt, output parsing, the rule-based reward and rating metrics.
 
 An LLM reads a user's history and a target item, reasons in four tagged blocks (analyze user, analyze
-item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (PAPER.md §2-3, §6).
+item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (docs/paper.md
+describes the paper's prompt, reward and metrics and where we differ).
 
 Simplifications and decisions:
 - The prompt is a plain system + user message list; the tokenizer's chat template renders it (the released
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import Example, Item
+from data import RATING_SCALE, Example, Item
 
 # ---------------------------------------------------------------------------------------------------
 # Tags and prompt
@@ -34,7 +35,6 @@ ITEM_OPEN, ITEM_CLOSE = "<analyze item>", "</analyze item>"
 MATCH_OPEN, MATCH_CLOSE = "<match>", "</match>"
 RATE_OPEN, RATE_CLOSE = "<rate>", "</rate>"
 TAG_PAIRS = ((USER_OPEN, USER_CLOSE), (ITEM_OPEN, ITEM_CLOSE), (MATCH_OPEN, MATCH_CLOSE), (RATE_OPEN, RATE_CLOSE))
-RATING_SCALE = (1.0, 5.0)
 
 SYSTEM_PROMPT = f"""You predict how much a user will like an item. You receive four fields: user_history (items the \
 user rated before, with what they wrote), user_avg_rating, target_item (its details plus earlier ratings and \
@@ -95,7 +95,7 @@ def _item_fields(item: Item, caps: PromptCaps, summary: str = "", review: str = 
 
 
 def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
-    """Render the four input fields (PAPER.md §2.3): user history, user average, target item, item average."""
+    """Render the paper's four input fields: user history, user average, target item, item average."""
     user_hist = ex.user_history[-caps.max_user_history :] if caps.max_user_history > 0 else []
     blocks = []
     for k, (r, item) in enumerate(user_hist, 1):
@@ -220,7 +220,7 @@ class Reward:
 
 
 def compute_reward(text: str, truth: float, cfg: RewardConfig = REWARD_PRESETS["paper"]) -> Reward:
-    """R = R_format + R_answer (RecZero paper; PAPER.md §3). Invalid -> -a; valid -> [a + 1 - 4/max_error, a + 1].
+    """R = R_format + R_answer (RecZero paper). Invalid -> -a; valid -> [a + 1 - 4/max_error, a + 1].
 
     The range holds for truth in [1, 5]; an invalid output gets R_answer = 0, as in the released code.
     """

@@ -1,23 +1,27 @@
-"""RecZero / RecOne training: command line, cold-start SFT, the GRPO loop, evaluation, checkpoints.
+"""RecZero / RecOne training: RecOne's cold-start SFT, then the GRPO loop, then a results table.
 
-`python train.py` with no arguments runs the embedded demo: synthetic data, a byte-level BPE tokenizer
-trained on it, a tiny Qwen2-architecture model, RecOne cold start on heuristic-teacher traces, GRPO,
+Reading order for one GRPO step: train_grpo() below (Steps 1-7, numbered as in the README), then
+grpo.py (rollout, advantages, log-probs, clipped loss, aggregation, update), then model.py (the
+decoder and its sampler). The task (prompt, reward, metrics) is reczero.py; everything else a run
+needs (flags, data files, baselines, teachers, checkpoints, reports) is in plumbing/.
+
+`python train.py` with no arguments runs the embedded demo: synthetic data, a byte-level BPE trained
+on it, a tiny Qwen2-architecture model, RecOne cold start on the heuristic teacher's traces, GRPO,
 and a table against classic baselines. With `--model DIR --data PATH --data-format F` it runs the
-paper's setting on a real checkpoint (defaults from PAPER.md §4; see `--help`). The flags, their two
-sets of defaults and their checks live in cli.py.
+paper's setting on a real checkpoint (`--help` lists every flag with its paper and demo defaults).
 
 Simplifications:
-- Every random draw of step s comes from generators seeded with (seed, s), so a resumed run replays
-  exactly what an uninterrupted one would: a checkpoint needs the model, the optimizer and the step.
-- Data parallel (torchrun) splits each step's prompts across ranks and averages gradients; rank 0
+- Every random draw of GRPO step s comes from generators seeded with (seed, s, rank), so a resumed run
+  replays exactly what an uninterrupted one would: a checkpoint needs the model, the optimizer and
+  the step.
+- Data parallel (torchrun) splits each step's prompts across ranks and sums the gradients of one
+  globally normalised loss (so N ranks take the one-process step); rank 0 runs the cold start,
   evaluates, logs and saves. Evaluation is greedy on a fixed subset (`--eval-size`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,56 +32,91 @@ import torch
 from tqdm import tqdm
 
 import grpo
-from baselines import fit_baselines
-from data import Example, build_examples, split_by_time
-from readers import DataError, load_ratings
-from checkpoint import load_optimizer, save_checkpoint
-from cli import check_args, fail, parse_args, prompt_settings
-from model import CheckpointError, ModelConfig, Transformer, load_model, save_model
-from coldstart import HeuristicTeacher, ModelTeacher, SFTConfig, build_cold_start, load_traces, sft
-from reczero import REWARD_PRESETS, Prompter, compute_reward, render_user_message
-from report import RunLog, baseline_rows, evaluate, plot, results_table
-from sampling import SamplingConfig, generate
-from tokenizer import Tokenizer
-from synthetic import SyntheticConfig, make_synthetic
+from model import CheckpointError, SamplingConfig, right_pad
+from plumbing.checkpoints import (
+    BestSoFar,
+    TrainerState,
+    load_model,
+    load_optimizer,
+    save_checkpoint,
+    save_model,
+)
+from plumbing.cli import RunConfig, check_args, fail, parse_args, pick, prompt_settings
+from plumbing.experiment import (
+    Distributed,
+    TaskData,
+    cold_start_traces,
+    demo_model,
+    demo_tokenizer,
+    load_task,
+    setup_distributed,
+)
+from plumbing.readers import DataError
+from plumbing.report import (
+    RunLog,
+    baseline_rows,
+    evaluate,
+    plot,
+    results_table,
+    rollout_metrics,
+)
+from plumbing.teachers import Trace
+from plumbing.tokenizer import Tokenizer
+from reczero import REWARD_PRESETS, Prompter, RatingMetrics, compute_reward
 
 # -----------------------------------------------------------------------------
-# Data and prompts
+# RecOne stage 1: supervised fine-tuning on the teacher's traces
 
 
 @dataclass
-class TaskData:
-    train: list[Example]
-    valid: list[Example]
-    test: list[Example]
-    baselines: dict
-    fallback: dict  # (user_id, item_id, time) -> bias-baseline prediction, for unparsable outputs
+class SFTConfig:
+    """The cold-start SFT's settings (named as their flags: --sft-lr is sft_lr)."""
+
+    sft_epochs: int = 2
+    sft_lr: float = 1e-5
+    sft_batch: int = 16
+    sft_prompt_weight: float = 0.0  # > 0 also trains on the prompt tokens
+    seed: int = 0
 
 
-def load_task(args) -> TaskData:
-    """Ratings -> time split -> leak-free examples; classic baselines fitted on the training split."""
-    if args.data:
-        data = load_ratings(args.data, args.data_format, args.meta, skip_bad_rows=args.skip_bad_rows)
-        if data.skipped:
-            print(f"skipped {data.skipped} bad rows in {args.data}")
-    else:
-        data = make_synthetic(SyntheticConfig(n_users=args.synthetic_users, seed=args.seed))
-    split = split_by_time(data, "user-last")
-    rng = np.random.default_rng(args.seed)
-    # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
-    ex = {name: build_examples(data, getattr(split, name), args.max_user_history, args.max_item_history)
-          for name in ("train", "valid", "test")}
-    for name in ("valid", "test"):  # fixed random subsets, so evaluation cost is bounded
-        if len(ex[name]) > args.eval_size:
-            ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), args.eval_size, replace=False))]
-    if not ex["train"] or not ex["test"]:
-        fail(f"{args.data or 'synthetic data'}: no usable examples after the history filter")
-    baselines = fit_baselines(split.train, seed=args.seed)
-    fallback = {}
-    for e in ex["valid"] + ex["test"]:
-        fallback[(e.target.user_id, e.target.item_id, e.target.time)] = baselines["bias"].predict(e.target.user_id, e.target.item_id)
-    print(f"data: {len(data.ratings)} ratings, examples train/valid/test {len(ex['train'])}/{len(ex['valid'])}/{len(ex['test'])}")
-    return TaskData(ex["train"], ex["valid"], ex["test"], baselines, fallback)
+def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None) -> None:
+    """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
+    cfg.sft_prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay."""
+    if not traces:
+        raise ValueError("sft: no traces to train on")
+    tok = prompter.tok
+    rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    steps = cfg.sft_epochs * math.ceil(len(rows) / cfg.sft_batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps))
+    rng = np.random.default_rng(cfg.seed + 1)
+    device = model.embed_tokens.weight.device
+    model.train()
+    bar = tqdm(total=steps, desc="cold-start SFT")
+    for epoch in range(cfg.sft_epochs):
+        order = rng.permutation(len(rows))
+        for i in range(0, len(rows), cfg.sft_batch):
+            batch = [rows[j] for j in order[i:i + cfg.sft_batch]]
+            ids, _ = right_pad([p + c for p, c in batch], tok.pad_id, device)
+            plens = torch.tensor([len(p) for p, _ in batch], device=device)
+            clens = torch.tensor([len(c) for _, c in batch], device=device)
+            trace_mask = grpo.completion_mask(plens, clens, ids.shape[1])  # the trace and its end token
+            prompt_mask = grpo.completion_mask(torch.ones_like(plens), plens - 1, ids.shape[1])  # prompt after token 0
+            prompt_mask &= cfg.sft_prompt_weight > 0
+            logp, _ = grpo.token_logprobs(model, ids, trace_mask | prompt_mask)
+            loss = -(logp * trace_mask).sum() / trace_mask.sum()  # mean next-token NLL over trace tokens
+            if cfg.sft_prompt_weight > 0:
+                loss = loss - cfg.sft_prompt_weight * (logp * prompt_mask).sum() / prompt_mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+    bar.close()
+    model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -99,239 +138,154 @@ def step_prompts(n_train: int, per_step: int, seed: int, step: int) -> list[int]
     return order[k * per_step:(k + 1) * per_step].tolist()
 
 
-def rollout(model, tok, prompter, examples, args, gen_rng, reward_cfg):
-    """Sample G completions per example, score them; returns (RolloutBatch, texts, Reward list)."""
-    prompts = [prompter(e) for e in examples]
-    gen = generate(model, prompts, SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                                  tok.stop_ids), num_samples=args.samples, generator=gen_rng,
-                   pad_id=tok.pad_id)
-    texts = [tok.decode(c) for c in gen.completions()]
-    rewards = [compute_reward(t, examples[i].label, reward_cfg) for t, i in zip(texts, gen.prompt_index.tolist())]
-    batch = grpo.rollout_from_generation(prompts, gen, [r.total for r in rewards], pad_id=tok.pad_id)
-    return batch, texts, rewards, gen
-
-
-def rollout_metrics(rewards, examples, gen, samples: int) -> dict:
-    """Reward parts, format rate, training MAE and the longest completion of one step's rollouts
-    (grpo_update already reports reward_mean, response_length_mean and truncated_frac)."""
-    valid = [r for r in rewards if r.valid]
-    truth = [examples[i // samples].label for i, r in enumerate(rewards) if r.valid]
-    return {"reward_std": float(np.std([r.total for r in rewards])),
-            "reward_format": float(np.mean([r.format for r in rewards])),
-            "reward_answer": float(np.mean([r.answer for r in rewards])),
-            "format_valid": len(valid) / len(rewards),
-            "train_mae": float(np.mean([abs(r.rating - y) for r, y in zip(valid, truth)])) if valid else math.nan,
-            "response_length_max": gen.lengths.max().item()}
-
-
-# -----------------------------------------------------------------------------
-# Main
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)
-        return t
-
-
-def setup_distributed(device: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Dist()
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return Dist(torch.distributed.get_rank(), world)
-
-
-def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
-    """The tiny Qwen2-architecture model of the demo (about 1.3M parameters with a 2k vocabulary)."""
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                                   num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
-                                   max_position_embeddings=4096, eos_token_id=eos))
-
-
-def train_grpo(model, tok, tok_dir, prompter, task: TaskData, args, dist: Dist, log: RunLog, state: dict):
-    """The GRPO loop: rollouts, rewards, one update per step, periodic evaluation and checkpoints."""
+def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: TaskData, cfg: RunConfig,
+               dist: Distributed, log: RunLog, state: TrainerState):
+    """The GRPO loop: one rollout and one update per step, periodic evaluation and checkpoints."""
     device = model.embed_tokens.weight.device
-    cfg = grpo.GRPOConfig(scale=args.adv_scale, eps_low=args.clip_low, eps_high=args.clip_high, beta=args.beta,
-                          kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, max_completion_length=args.max_new_tokens,
-                          mu=args.mu, micro_batch_size=args.micro_batch, max_grad_norm=args.max_grad_norm,
-                          temperature=args.temperature, drop_truncated=args.drop_truncated)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    out = Path(args.out)
-    if args.resume:
-        load_optimizer(Path(args.resume), opt)
+    grpo_cfg = pick(grpo.GRPOConfig, cfg)
+    sampling = pick(SamplingConfig, cfg, stop_ids=tok.stop_ids)
+    reward_cfg = REWARD_PRESETS[cfg.reward]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    out = Path(cfg.out)
+    if cfg.resume:
+        load_optimizer(Path(cfg.resume), opt)
     ref = None
-    if args.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
-        ref = load_model(state["start_model"], torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
+    if cfg.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
+        ref = load_model(state.start_model, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
             device.type) else model.embed_tokens.weight.dtype, device).requires_grad_(False)
-    reward_cfg = REWARD_PRESETS[args.reward]
-    per_rank = args.prompts_per_step // dist.world
+    per_rank = cfg.prompts_per_step // dist.world
     all_reduce = dist.all_reduce if dist.world > 1 else None
-    step = state["step"]
 
     def save():
         if dist.rank == 0:
-            save_checkpoint(out / "checkpoint", model, tok_dir, opt, {**state, "step": step, "args": vars(args)})
+            save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
 
     def validate():
-        m = evaluate(model, tok, prompter, task.valid, task.fallback, args.max_new_tokens, desc="valid")
-        log({"stage": "eval", "step": step, **asdict(m)})
-        tqdm.write(f"step {step}: valid MAE {m.mae:.3f} RMSE {m.rmse:.3f} format {m.valid_rate:.0%} "
+        m = evaluate(model, tok, prompter, task.valid, task.fallback, cfg.max_new_tokens, desc="valid")
+        log({"stage": "eval", "step": state.step, **asdict(m)})
+        tqdm.write(f"step {state.step}: valid MAE {m.mae:.3f} RMSE {m.rmse:.3f} format {m.valid_rate:.0%} "
                    f"pred std {m.pred_std:.2f} distinct {m.distinct}")
-        if args.select == "best" and (state.get("best") is None or m.mae < state["best"]["mae"]):
+        if cfg.select == "best" and (state.best is None or m.mae < state.best.mae):
             save_model(model, out / "best", tok_dir)  # atomic: a crash keeps the previous best
-            state["best"] = {"step": step, "mae": m.mae, "path": str(out / "best")}
+            state.best = BestSoFar(state.step, m.mae, str(out / "best"))
 
-    if dist.rank == 0 and step == 0 and task.valid and args.steps > 0:
+    if dist.rank == 0 and state.step == 0 and task.valid and cfg.steps > 0:
         model.eval()
         validate()  # the starting point of the validation curve (after the cold start, if any)
-    bar = tqdm(total=args.steps, initial=step, desc="GRPO", disable=dist.rank != 0)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="GRPO", disable=dist.rank != 0)
     try:
-        while step < args.steps:
-            idx = step_prompts(len(task.train), args.prompts_per_step, args.seed, step)
+        while state.step < cfg.steps:
+            idx = step_prompts(len(task.train), cfg.prompts_per_step, cfg.seed, state.step)
             examples = [task.train[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
             t0 = time.time()
+            texts, rewards = [], []  # each row's decoded completion and Reward, in row order
+
+            def reward_fn(i: int, completion: list[int]) -> float:  # Step 2: the task's reward
+                texts.append(tok.decode(completion))
+                rewards.append(compute_reward(texts[-1], examples[i].label, reward_cfg))
+                return rewards[-1].total
+
+            # Steps 1-2: sample G completions of each prompt and score each one (grpo.rollout)
             model.eval()
-            batch, texts, rewards, gen = rollout(model, tok, prompter, examples, args,
-                                                 step_generator(args.seed, step, dist.rank, device), reward_cfg)
+            batch = grpo.rollout(model, [prompter(e) for e in examples], reward_fn, sampling, cfg.samples,
+                                 step_generator(cfg.seed, state.step, dist.rank, device), tok.pad_id)
             t1 = time.time()
+            # Steps 3-7: advantages, log-probs, clipped loss, aggregation, AdamW (grpo.grpo_update)
             model.train()
-            metrics = grpo.grpo_update(model, opt, batch, cfg, ref, all_reduce)
+            metrics = grpo.grpo_update(model, opt, batch, grpo_cfg, ref, all_reduce)
             if metrics["skipped"]:
-                print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
-            step += 1
-            metrics.update(rollout_metrics(rewards, examples, gen, args.samples),
-                           stage="grpo", step=step, time_sampling=t1 - t0, time_update=time.time() - t1)
+                print(f"warning: step {state.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
+            state.step += 1
+            metrics.update(rollout_metrics(rewards, [e.label for e in examples], batch),
+                           stage="grpo", step=state.step, time_sampling=t1 - t0, time_update=time.time() - t1)
             log(metrics)
             bar.update()
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", mae=f"{metrics['train_mae']:.2f}")
-            if step % args.sample_every == 0:
-                log.sample(step, examples, texts, rewards, args.samples)
-            if dist.rank == 0 and (step % args.eval_every == 0 or step == args.steps) and task.valid:
+            if state.step % cfg.sample_every == 0:
+                log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
+            if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
                 validate()
-            if step % args.save_every == 0 or step == args.steps:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 save()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving {out / 'checkpoint'}", file=sys.stderr)
+        print(f"\ninterrupted at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
         save()
         sys.exit(130)
     bar.close()
     model.eval()
 
 
-def cold_start_traces(args, task: TaskData, prompter: Prompter, dtype, device, log):
-    """RecOne's trace set: from --sft-traces, or built by the teacher on the first training examples."""
-    if args.sft_traces:
-        try:
-            traces = load_traces(args.sft_traces, task.train)
-        except ValueError as e:
-            fail(str(e))
-        log({"stage": "cold_start", "traces": len(traces)})
-        return traces
-    if args.teacher == "heuristic":
-        teacher = HeuristicTeacher(seed=args.seed)
-    else:
-        tok = Tokenizer(args.teacher)
-        teacher = ModelTeacher(load_model(args.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
-                               args.max_new_tokens, seed=args.seed)
-    traces, stats = build_cold_start(teacher, task.train[:args.cold_start_size])
-    print(f"cold start: {stats}")
-    if not traces:
-        fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "
-             "ask more examples (--cold-start-size), use another --teacher, or --mode reczero")
-    log({"stage": "cold_start", "traces": len(traces), **asdict(stats)})
-    return traces
+# -----------------------------------------------------------------------------
+# Main
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = parse_args(argv)
+    check_args(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    compute, dtype = dtype, torch.float32 if args.master_weights == "fp32" else dtype  # dtype: of the weights
+        cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    compute, dtype = dtype, torch.float32 if cfg.master_weights == "fp32" else dtype  # dtype: of the weights
     with torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
-        run(args, device, dtype, compute)
+        run(cfg, device, dtype, compute)
 
 
-def run(args, device: str, dtype, compute):
+def run(cfg: RunConfig, device: str, dtype, compute):
     """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
     dist = setup_distributed(device)
-    out = Path(args.out)
+    out = Path(cfg.out)
     try:
-        task = load_task(args)
-        resumed = json.loads((Path(args.resume) / "trainer_state.json").read_text()) if args.resume else None
-        log = RunLog(out, dist.rank == 0, resumed["step"] if resumed else None)
-        state = {"step": 0, "cold_start": None, "start_model": args.model}
-        if resumed:
-            state.update({k: resumed.get(k) for k in ("step", "cold_start", "start_model", "best")})
-            model, tok_dir = load_model(args.resume, dtype, device), Path(args.resume)
-        elif args.model:
-            model, tok_dir = load_model(args.model, dtype, device), Path(args.model)
+        task = load_task(cfg)
+        state = TrainerState.read(cfg.resume) if cfg.resume else TrainerState(start_model=cfg.model)
+        log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
+        if cfg.resume or cfg.model:
+            tok_dir = Path(cfg.resume or cfg.model)
+            model, tok = load_model(tok_dir, dtype, device), Tokenizer(tok_dir)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
-            from tokenizer import train_bpe
-            caps, system = prompt_settings(args)
-            corpus = [render_user_message(e, caps) for e in task.train[:3000]] + [system] + \
-                HeuristicTeacher().write(task.train[:2000])
-            tok_dir = out / "tokenizer"
-            if dist.rank == 0:
-                train_bpe(corpus, tok_dir)
-            if dist.world > 1:
-                torch.distributed.barrier()
+            tok_dir = demo_tokenizer(task, prompt_settings(cfg), out, dist.rank)
+            dist.barrier()
             tok = Tokenizer(tok_dir)
-            model = demo_model(tok.vocab_size, tok.stop_ids[0], args.seed).to(device, dtype)
-        tok = Tokenizer(tok_dir)
+            model = demo_model(tok.vocab_size, tok.stop_ids[0], cfg.seed).to(device, dtype)
     except (DataError, CheckpointError, OSError) as e:
         fail(str(e))
-    model.gradient_checkpointing = args.grad_checkpointing
-    prompter = Prompter(tok, *prompt_settings(args))
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    prompter = Prompter(tok, *prompt_settings(cfg))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
     rows = baseline_rows(task.baselines, task.test)
-    if args.eval_only:
-        rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, args.max_new_tokens, desc="test")))
+    if cfg.eval_only:
+        rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test")))
         print(results_table(rows))
         return
-    if not resumed and args.mode == "recone":
-        traces = cold_start_traces(args, task, prompter, compute, device, log)
+    if not cfg.resume and cfg.mode == "recone":
+        traces = cold_start_traces(cfg, task, prompter, compute, device, log)
         if dist.rank == 0:  # the other ranks load the result: the same weights everywhere
-            sft(model, prompter, traces, SFTConfig(args.sft_epochs, args.sft_lr, args.sft_batch,
-                                                   args.sft_prompt_weight, args.seed), log)
-            # step 4: save in the HF layout and reload through the loader real checkpoints use
+            sft(model, prompter, traces, pick(SFTConfig, cfg), log)
+            # save in the HF layout and reload through the loader real checkpoints use
             save_model(model, out / "cold_start", tok_dir)
-        if dist.world > 1:
-            torch.distributed.barrier()
+        dist.barrier()
         model = load_model(out / "cold_start", dtype, device)
-        model.gradient_checkpointing = args.grad_checkpointing
-        state["start_model"] = str(out / "cold_start")
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        state.start_model = str(out / "cold_start")
         if dist.rank == 0:
-            state["cold_start"] = asdict(evaluate(model, tok, prompter, task.test, task.fallback, args.max_new_tokens,
-                                                  desc="test (cold start)"))
-    elif not resumed and dist.rank == 0:
-        state["cold_start"] = asdict(evaluate(model, tok, prompter, task.test, task.fallback, args.max_new_tokens,
-                                              desc="test (before RL)"))
-    train_grpo(model, tok, tok_dir, prompter, task, args, dist, log, state)
+            state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
+                                               desc="test (cold start)"))
+    elif not cfg.resume and dist.rank == 0:
+        state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
+                                           desc="test (before RL)"))
+    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state)
     if dist.rank == 0:
-        from reczero import RatingMetrics
-        label, step = f"LLM after GRPO (step {args.steps})", args.steps
-        if args.select == "best" and state.get("best"):  # the weights of the best validation MAE
-            step = state["best"]["step"]
-            model = load_model(state["best"]["path"], dtype, device)
-            label = f"LLM after GRPO (best valid MAE: step {step} of {args.steps})"
-        final = evaluate(model, tok, prompter, task.test, task.fallback, args.max_new_tokens, desc="test (GRPO)")
+        label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
+        if cfg.select == "best" and state.best:  # the weights of the best validation MAE
+            step = state.best.step
+            model = load_model(state.best.path, dtype, device)
+            label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
+        final = evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test (GRPO)")
         log({"stage": "test", "step": step, **asdict(final)})
-        start = "after cold start" if args.mode == "recone" else "before RL"
-        rows += [(f"LLM {start}", RatingMetrics(**state["cold_start"])), (label, final)]
+        start = "after cold start" if cfg.mode == "recone" else "before RL"
+        rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]
         table = results_table(rows)
         (out / "results.md").write_text(table + "\n")
         print(table)

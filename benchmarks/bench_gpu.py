@@ -1,4 +1,4 @@
-"""GPU throughput of our model (model.py + sampling.py) at the full Qwen2.5-0.5B shape, bf16, random weights.
+"""GPU throughput of our model (model.py: the decoder and its sampler) at the full Qwen2.5-0.5B shape, bf16, random weights.
 
 Qwen2.5-0.5B dimensions with all 24 layers (hidden 896, 14 heads, 2 KV heads, head_dim 64, intermediate
 4864, vocab 151936, tied head, q/k/v bias), random weights. A transformers Qwen2ForCausalLM is built
@@ -7,7 +7,7 @@ hold the same weights; both are cast to bf16 on the device. It prints:
 
 - sample tok/s: new tokens per second for 8 prompts (128 random tokens each) x 8 samples x 256 new
   tokens at temperature 1, no stop token (every row makes all 256), i.e. 16384 tokens per run. Ours:
-  sampling.generate(num_samples=8) (one prefill per prompt, KV cache copied to its samples);
+  model.generate(num_samples=8) (one prefill per prompt, KV cache copied to its samples);
   transformers: generate(do_sample=True, num_return_sequences=8, min_new_tokens=256), default
   dynamic cache, no compile. "transformers/ours" above 1 means ours is faster.
 - train tok/s: tokens per second of one forward + backward of an 8 x 1024 batch, loss = next-token
@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_model import QUICK as MODEL_QUICK  # noqa: E402
 from bench_model import Sizes, build_models, fwd_bwd_ours, fwd_bwd_theirs, time_pair  # noqa: E402
-from model import load_model  # noqa: E402
-from sampling import SamplingConfig, generate  # noqa: E402
+
+from model import SamplingConfig, generate  # noqa: E402
+from plumbing.checkpoints import load_model  # noqa: E402
 
 
 @dataclass

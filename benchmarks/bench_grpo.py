@@ -1,4 +1,4 @@
-"""Seconds per GRPO step: our grpo.py + sampling.py against TRL's GRPOTrainer, from the same start.
+"""Seconds per GRPO step: our grpo.py + model.py against TRL's GRPOTrainer, from the same start.
 
 One step = sample G=8 completions of one RecZero prompt (temperature 1, at most 64 new tokens, stop at
 <|im_end|>), decode them, score each with RecZero's compute_reward (paper preset), and take one policy
@@ -63,10 +63,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import build_examples, split_by_time  # noqa: E402
-from model import ModelConfig, Transformer, save_model  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from plumbing.checkpoints import save_model  # noqa: E402
+from plumbing.synthetic import SyntheticConfig, make_synthetic  # noqa: E402
+from plumbing.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from reczero import PromptCaps, build_messages, compute_reward, render_user_message  # noqa: E402
-from synthetic import SyntheticConfig, make_synthetic  # noqa: E402
-from tokenizer import Tokenizer, train_bpe  # noqa: E402
 
 
 @dataclass
@@ -142,15 +143,15 @@ def peak_rss_mb() -> float:
 
 def worker_ours(d: Path, task: dict, steps: int) -> dict:
     from grpo import GRPOConfig, grpo_update, rollout_from_generation
-    from model import load_model
-    from sampling import SamplingConfig, generate
+    from model import SamplingConfig, generate
+    from plumbing.checkpoints import load_model
 
     size, tok = Size(**task["size"]), Tokenizer(d)
     model = load_model(d)
     prompt = tok.encode(task["prompt"])
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     scfg = SamplingConfig(max_new_tokens=size.new_tokens, temperature=1.0, stop_ids=tok.stop_ids)
-    gcfg = GRPOConfig(beta=0.0, loss_agg="token-mean", temperature=1.0, max_completion_length=size.new_tokens)
+    gcfg = GRPOConfig(beta=0.0, loss_agg="token-mean", temperature=1.0, max_new_tokens=size.new_tokens)
     gen = torch.Generator().manual_seed(SEED)
     times, lengths = [], []
     for step in range(1 + steps):
@@ -166,7 +167,11 @@ def worker_ours(d: Path, task: dict, steps: int) -> dict:
 
 def worker_trl(d: Path, task: dict, steps: int) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        PreTrainedTokenizerFast,
+        TrainerCallback,
+    )
     from trl import GRPOConfig, GRPOTrainer
 
     size = Size(**task["size"])

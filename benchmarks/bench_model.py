@@ -1,4 +1,4 @@
-"""Speed of our hand-written model (model.py + sampling.py) against Hugging Face `transformers`.
+"""Speed of our hand-written model (model.py: the decoder and its sampler) against Hugging Face `transformers`.
 
 Both models are built from the SAME random weights in one process: a transformers Qwen2ForCausalLM is
 created (attn_implementation="sdpa"), saved with save_pretrained to a temporary directory and loaded
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import load_model  # noqa: E402
-from sampling import SamplingConfig, generate  # noqa: E402
+from model import SamplingConfig, generate  # noqa: E402
+from plumbing.checkpoints import load_model  # noqa: E402
 
 
 @dataclass

@@ -1,17 +1,12 @@
-"""Tests for baselines.py: the classic predictors beat the global mean and are deterministic."""
+"""Tests for plumbing/baselines.py: the classic predictors beat the global mean and are deterministic."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baselines import BiasBaseline, GlobalMean, MatrixFactorization  # noqa: E402
-from data import Rating  # noqa: E402
+from data import Rating
+from plumbing.baselines import BiasBaseline, GlobalMean, MatrixFactorization
 
 
 def synthetic_ratings(seed=0, n_users=150, n_items=80, n=6000):

@@ -1,4 +1,4 @@
-"""Tests for readers.py and data.py: every reader on tiny hand-written files, strict errors, splits, leak-free histories."""
+"""Tests for plumbing/readers.py and data.py: every reader on tiny hand-written files, strict errors, splits, leak-free histories."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data import Item, Rating, RatingData, build_examples, split_by_time
-from readers import FORMATS, DataError, DataFileNotFoundError, load_ratings
+from plumbing.readers import FORMATS, DataError, DataFileNotFoundError, load_ratings
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

@@ -3,11 +3,11 @@
 import copy
 import math
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import tiny_model
 
 from grpo import (
     GRPOConfig,
@@ -21,8 +21,7 @@ from grpo import (
     rollout_from_generation,
     token_logprobs,
 )
-from model import ModelConfig, Transformer
-from sampling import SamplingConfig, generate
+from model import Generation, SamplingConfig, generate
 
 
 class MockPolicy(nn.Module):
@@ -89,14 +88,14 @@ def test_advantage_scale_modes_two_groups():
     """group / batch / none scaling on two groups: [1, 0] (prompt 0) and [2, 0] (prompt 1)."""
     rewards, index = torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([0, 0, 1, 1])
     # none: subtract group means 0.5 and 1.0 -> [0.5, -0.5, 1, -1]
-    none = group_advantages(rewards, index, scale="none").advantages
+    none = group_advantages(rewards, index, adv_scale="none").advantages
     torch.testing.assert_close(none, torch.tensor([0.5, -0.5, 1.0, -1.0]))
     # group: std of [1, 0] = sqrt(0.5) = 0.7071, of [2, 0] = sqrt(2) = 1.4142 -> all +-0.7071
-    group = group_advantages(rewards, index, scale="group").advantages
+    group = group_advantages(rewards, index, adv_scale="group").advantages
     torch.testing.assert_close(group, torch.tensor([0.7071063, -0.7071063, 0.7071065, -0.7071065]))
     # batch: mean 0.75, squared deviations 0.0625 + 0.5625 + 1.5625 + 0.5625 = 2.75,
     # std = sqrt(2.75 / 3) = 0.9574271 -> [0.5, -0.5, 1, -1] / 0.9574271
-    batch = group_advantages(rewards, index, scale="batch").advantages
+    batch = group_advantages(rewards, index, adv_scale="batch").advantages
     torch.testing.assert_close(batch, torch.tensor([0.5222330, -0.5222330, 1.0444659, -1.0444659]))
 
 
@@ -115,17 +114,17 @@ def test_groups_follow_prompt_index_after_shuffle():
 # clipped surrogate
 
 
-def surrogate_grad(ratio, adv, eps_low=0.2, eps_high=0.28):
+def surrogate_grad(ratio, adv, clip_low=0.2, clip_high=0.28):
     """d loss / d logp for one token with the given ratio and advantage."""
     old = torch.tensor([0.0], dtype=torch.float64)
     logp = torch.tensor([math.log(ratio)], dtype=torch.float64, requires_grad=True)
-    loss, *_ = clipped_surrogate(logp, old, torch.tensor([adv], dtype=torch.float64), eps_low, eps_high)
+    loss, *_ = clipped_surrogate(logp, old, torch.tensor([adv], dtype=torch.float64), clip_low, clip_high)
     loss.sum().backward()
     return logp.grad.item()
 
 
 def test_clipping_cuts_gradient_outside_band():
-    """A > 0 above 1 + eps_high and A < 0 below 1 - eps_low: the gradient is exactly zero."""
+    """A > 0 above 1 + clip_high and A < 0 below 1 - clip_low: the gradient is exactly zero."""
     assert surrogate_grad(1.3, 2.0) == 0.0
     assert surrogate_grad(0.7, -2.0) == 0.0
     # the other sides are not clipped (the min keeps the pessimistic, unclipped term)
@@ -134,7 +133,7 @@ def test_clipping_cuts_gradient_outside_band():
 
 
 def test_clipping_inside_band_is_advantage_times_ratio():
-    """Inside [1 - eps_low, 1 + eps_high] d(-loss)/d logp = A * ratio."""
+    """Inside [1 - clip_low, 1 + clip_high] d(-loss)/d logp = A * ratio."""
     for ratio, adv in [(0.9, 1.5), (1.1, -0.5), (1.25, 2.0), (0.85, -3.0)]:
         assert -surrogate_grad(ratio, adv) == pytest.approx(adv * ratio, rel=1e-12)
 
@@ -219,7 +218,7 @@ def test_aggregation_modes_on_ragged_mask():
     mask = completion_mask(torch.tensor([1, 2]), torch.tensor([1, 3]), seq_len=5)
     assert mask.int().tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
     per_token = torch.tensor([[9.0, 4, 9, 9, 9], [9.0, 9, 1, 2, 3]])  # 9s sit outside the mask
-    agg = {m: (aggregation_weights(mask, m, max_completion_length=4) * per_token).sum().item()
+    agg = {m: (aggregation_weights(mask, m, max_new_tokens=4) * per_token).sum().item()
            for m in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")}
     assert agg["token-mean"] == pytest.approx((4 + 1 + 2 + 3) / 4)  # 2.5
     assert agg["seq-mean-token-mean"] == pytest.approx((4 / 1 + 6 / 3) / 2)  # 3.0
@@ -234,7 +233,7 @@ def test_micro_batches_match_full_batch(loss_agg):
     for mbs in (8, 2):
         policy = MockPolicy()
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)  # new params = old - grad
-        cfg = GRPOConfig(loss_agg=loss_agg, max_completion_length=4, micro_batch_size=mbs, max_grad_norm=1e9)
+        cfg = GRPOConfig(loss_agg=loss_agg, max_new_tokens=4, micro_batch=mbs, max_grad_norm=1e9)
         grpo_update(policy, opt, batch, cfg)
         updated.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
     torch.testing.assert_close(updated[0], updated[1], atol=1e-6, rtol=0)
@@ -243,7 +242,7 @@ def test_micro_batches_match_full_batch(loss_agg):
 def test_stop_token_in_mask_when_pad_is_eos():
     """With pad == eos == 0 the stop token still gets a log-prob; an `ids != pad` mask would drop it."""
     eos = 0
-    gen = SimpleNamespace(  # what model.generate returns for 2 samples of one prompt
+    gen = Generation(  # what model.generate returns for 2 samples of one prompt
         tokens=torch.tensor([[5, 6, eos, eos], [7, 3, 2, 4]]),
         lengths=torch.tensor([3, 4]),
         logprobs=torch.tensor([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]),
@@ -257,7 +256,7 @@ def test_stop_token_in_mask_when_pad_is_eos():
     assert not (batch.input_ids[0] != eos)[4]  # ...which the pad-based mask would have lost
     logp, _ = token_logprobs(MockPolicy(), batch.input_ids, mask)
     assert logp[0, 4] < 0 and logp[0, 5] == 0
-    torch.testing.assert_close(batch.old_logprobs[0], torch.tensor([0.0, 0, -1, -1, -1, 0]))
+    torch.testing.assert_close(batch.sampler_logprobs[0], torch.tensor([0.0, 0, -1, -1, -1, 0]))
 
 
 def test_drop_truncated_removes_rows_from_mask():
@@ -265,6 +264,29 @@ def test_drop_truncated_removes_rows_from_mask():
     truncated = torch.tensor([False, True])
     mask = completion_mask(torch.tensor([1, 1]), torch.tensor([2, 3]), 4, truncated=truncated)
     assert mask.int().tolist() == [[0, 1, 1, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_drop_truncated_in_update_ignores_the_truncated_rows(drop):
+    """grpo_update with drop_truncated: the update does not depend on a truncated row's tokens (without
+    it, it does), and equals the update in which that row has no tokens at all (so the loss normaliser
+    counts only the kept rows) while its reward still counts in its group's advantages."""
+    def update(batch, drop_truncated):
+        policy = MockPolicy()
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        grpo_update(policy, opt, batch, GRPOConfig(drop_truncated=drop_truncated, loss_agg="seq-mean-token-mean"))
+        return [p.detach() for p in policy.parameters()]
+
+    a, b = make_batch(), make_batch()
+    row = int(a.truncated.nonzero()[0, 0])  # make_batch truncates one row of group 0
+    start, n = int(a.prompt_lengths[row]), int(a.completion_lengths[row])
+    b.input_ids[row, start:start + n] = (a.input_ids[row, start:start + n] + 1) % 11
+    assert all(torch.equal(x, y) for x, y in zip(update(a, drop), update(b, drop))) == drop
+    if drop:
+        empty = make_batch()
+        empty.completion_lengths[row] = 0
+        for x, y in zip(update(a, True), update(empty, False)):
+            torch.testing.assert_close(x, y, atol=1e-7, rtol=0)
 
 
 def test_token_logprobs_match_full_log_softmax_at_temperature():
@@ -295,7 +317,7 @@ def test_on_policy_update_metrics():
     policy, batch = MockPolicy(), make_batch()
     before = [p.detach().clone() for p in policy.parameters()]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    m = grpo_update(policy, opt, batch, GRPOConfig(micro_batch_size=3))
+    m = grpo_update(policy, opt, batch, GRPOConfig(micro_batch=3))
     assert m["ratio_mean"] == 1.0 and m["pg_clipfrac_low"] == 0 and m["pg_clipfrac_high"] == 0
     assert m["skipped"] == 0.0 and m["frac_reward_zero_std"] == 0.0 and m["kl"] == 0.0
     assert m["grad_norm"] > 0 and m["entropy"] > 0
@@ -307,7 +329,7 @@ def test_mu_passes_clip_and_kl_with_reference():
     policy, batch = MockPolicy(), make_batch()
     ref = copy.deepcopy(policy).requires_grad_(False)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    cfg = GRPOConfig(mu=3, beta=0.1, eps_low=0.01, eps_high=0.01)
+    cfg = GRPOConfig(mu=3, beta=0.1, clip_low=0.01, clip_high=0.01)
     m = grpo_update(policy, opt, batch, cfg, ref_policy=ref)
     assert m["skipped"] == 0.0 and m["ratio_mean"] != 1.0
     assert m["pg_clipfrac_low"] + m["pg_clipfrac_high"] > 0 and m["kl"] > 0
@@ -330,12 +352,8 @@ def test_nonfinite_loss_does_not_step():
 
 
 def tiny_qwen(vocab=256, seed=0):
-    """A random 2-layer Qwen2 from model.py, the shapes of a real one at a toy size."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(arch="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                       rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True)
-    return Transformer(cfg)
+    """tiny_model with its own small init (scoring identities hold for any weights)."""
+    return tiny_model(seed, std=None, vocab_size=vocab)
 
 
 def test_scorer_matches_sampler_at_temperature():
@@ -348,7 +366,7 @@ def test_scorer_matches_sampler_at_temperature():
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1])
     with torch.no_grad():
         logp, _ = token_logprobs(policy, batch.input_ids, mask, temperature=0.7)
-    torch.testing.assert_close(logp, batch.old_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, batch.sampler_logprobs, atol=1e-5, rtol=0)
 
 
 def test_grpo_learns_to_emit_token_7():
@@ -357,7 +375,7 @@ def test_grpo_learns_to_emit_token_7():
     V, eos, target = 256, 0, 7
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=(eos,))
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
-    grpo_cfg = GRPOConfig(max_completion_length=8)
+    grpo_cfg = GRPOConfig(max_new_tokens=8)
     gen_rng = torch.Generator().manual_seed(1)
     prompts = [[int(t) for t in torch.randint(1, V, (4,))] for _ in range(8)]
     rewards_seen, start, threads = [], time.time(), torch.get_num_threads()
@@ -399,7 +417,7 @@ def test_shared_prompt_pass_equals_separate_rows():
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(results[1][0], batch.old_logprobs, atol=1e-5, rtol=0)  # and the sampler's
+    torch.testing.assert_close(results[1][0], batch.sampler_logprobs, atol=1e-5, rtol=0)  # and the sampler's
 
 
 def _dp_worker(rank, world, init_file, batch, result):

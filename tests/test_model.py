@@ -1,8 +1,8 @@
-"""Tests for model.py: logits, gradients and greedy generation equal to `transformers`, saving and
-loading (shards, bf16, bad checkpoints), config parsing, gradient checkpointing, and the speed
-benchmark's quick mode. All on CPU with tiny models (hidden 64, 2 layers, vocab 300, tiny_models.py);
-the `transformers` comparisons skip when it is not installed. sampling.py and tokenizer.py have
-their own test files."""
+"""Tests for model.py's decoder and plumbing/checkpoints.py: logits, gradients and greedy generation
+equal to `transformers`, saving and loading (shards, bf16, bad checkpoints), config parsing, gradient
+checkpointing, and the speed benchmark's quick mode. All on CPU with tiny models (hidden 64, 2 layers,
+vocab 300, tiny_models.py); the `transformers` comparisons skip when it is not installed. The sampler
+(test_sampling.py) and the tokenizer (test_tokenizer.py) have their own test files."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import GREEDY, PROMPTS, VOCAB, randomise, tiny_model
 
 import model as model_module
-from model import CheckpointError, ModelConfig, Transformer, load_config, load_model, save_model
-from sampling import generate
-from tiny_models import GREEDY, PROMPTS, VOCAB, randomise, right_pad, tiny_model
+from model import CheckpointError, ModelConfig, Transformer, generate, right_pad
+from plumbing.checkpoints import load_config, load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,7 @@ def test_logits_match_transformers(hf_checkpoint):
     """fp32 logits of a right-padded batch equal transformers' per-prompt unpadded logits to 1e-4."""
     hf, path = hf_checkpoint
     ours = load_model(path)
-    logits = ours.logits(ours(right_pad(PROMPTS)))
+    logits = ours.logits(ours(right_pad(PROMPTS, 0)[0]))
     for i, p in enumerate(PROMPTS):
         ref = hf(torch.tensor([p])).logits[0]
         assert ref.std() > 0.5  # discriminative, not near-uniform
@@ -90,7 +90,7 @@ def test_gradients_match_transformers(hf_checkpoint):
     hf, path = hf_checkpoint
     ours = load_model(path).train()
     hf = hf.train()
-    ids = right_pad(PROMPTS)[:, :9]  # the shortest prompt has 9 tokens: no padding in the loss
+    ids = right_pad(PROMPTS, 0)[0][:, :9]  # the shortest prompt has 9 tokens: no padding in the loss
 
     def loss_of(logits):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
@@ -270,7 +270,7 @@ def test_bf16_round_trip_keeps_dtype_and_values(tmp_path):
     assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ids = right_pad(PROMPTS)
+    ids, _ = right_pad(PROMPTS, 0)
     with torch.no_grad():
         assert torch.equal(model.logits(model(ids)), back.logits(back(ids)))
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import Example, Item, Rating  # noqa: E402
-from reczero import (  # noqa: E402
+from data import Example, Item, Rating
+from reczero import (
     REWARD_PRESETS,
     SYSTEM_PROMPT,
     PromptCaps,

@@ -1,14 +1,20 @@
-"""Tests for sampling.py: KV-cache decoding against a full forward pass, temperature and seeded sampling,
+"""Tests for model.py's sampler: KV-cache decoding against a full forward pass, temperature and seeded sampling,
 top-k / top-p filters on a hand-made distribution, per-row stop ids, shared prompt prefill, batching."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from model import ModelConfig, Transformer
-from sampling import SamplingConfig, filter_logits, generate, sample_tokens
 from tiny_models import GREEDY, PROMPTS, full_logits, tiny_model
+
+from model import (
+    ModelConfig,
+    SamplingConfig,
+    Transformer,
+    filter_logits,
+    generate,
+    sample_tokens,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

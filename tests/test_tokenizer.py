@@ -1,4 +1,4 @@
-"""Tests for tokenizer.py: the real SmolLM2 tokenizer (when ../shared is present) round-trips text and
+"""Tests for plumbing/tokenizer.py: the real SmolLM2 tokenizer (when ../shared is present) round-trips text and
 formats chats exactly as its template does; a Llama 3 tokenizer gets the header format; errors name files."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import json
 import pytest
 
 from model import CheckpointError
-from tokenizer import Tokenizer
-
+from plumbing.tokenizer import Tokenizer
 
 TEXTS = ["Hello, world!", "  two spaces, a\ttab and a\nnewline ", "naïve café, Zürich, 東京, Ελληνικά",
          "emoji 🎬🍿👍🏽 ok", "<analyze user>likes jazz</analyze user>\n<analyze item>[pos] smooth</analyze item>\n"
@@ -50,7 +49,8 @@ LLAMA3_TEMPLATE = (
 
 def test_llama3_chat_format_matches_its_template(tmp_path):
     """A Llama 3 tokenizer dir gets the header format the template prints, and <|eot_id|> stops."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
 
     words = ["[UNK]", "You", "rate", "films", ".", "I", "like", "jazz", "system", "user", "assistant"]
     hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

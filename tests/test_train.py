@@ -11,11 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import grpo  # noqa: E402
-import train  # noqa: E402
-from model import load_model  # noqa: E402
+import grpo
+import train
+from plumbing.checkpoints import load_model
+from plumbing.experiment import demo_model
 
 TINY = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
         "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "2",
@@ -92,7 +92,7 @@ def test_select_last_scores_the_final_weights(tmp_path):
 def test_one_grpo_step_changes_every_parameter():
     """After one GRPO update with non-zero advantages, every parameter tensor of the model has moved."""
     torch.manual_seed(0)
-    model = train.demo_model(vocab_size=64, eos=0, seed=0)
+    model = demo_model(vocab_size=64, eos=0, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(1, 64, (4, 12))
     batch = grpo.RolloutBatch(ids, torch.tensor([6, 6, 5, 5]), torch.tensor([6, 4, 7, 3]),

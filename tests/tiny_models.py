@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelConfig, Transformer
-from sampling import SamplingConfig
+from model import ModelConfig, SamplingConfig, Transformer
 
 VOCAB = 300
 # three prompts of different lengths, so one batch has right padding of 0, 4 and 10 tokens
@@ -25,19 +24,14 @@ def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2):
     return module
 
 
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """A random 2-layer model of our own (no transformers needed)."""
+def tiny_model(seed: int = 0, std: float | None = 0.2, **overrides) -> Transformer:
+    """A random 2-layer Qwen2 of our own (no transformers needed): the shapes of a real one at a toy
+    size. std: the weights' spread (see randomise); None keeps the model's own small init."""
     cfg = dict(arch="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    return randomise(Transformer(ModelConfig(**{**cfg, **overrides})), seed).eval()
-
-
-def right_pad(prompts, pad=0):
-    ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    return ids
+    model = Transformer(ModelConfig(**{**cfg, **overrides}))
+    return (randomise(model, seed, std) if std is not None else model).eval()
 
 
 @torch.no_grad()

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
 from model import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -30,8 +33,6 @@ class Tokenizer:
     """
 
     def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         if not (path / "tokenizer.json").exists():
             raise CheckpointError(f"{path / 'tokenizer.json'}: file not found")
@@ -91,8 +92,6 @@ def _token_text(t) -> str | None:
     return t.get("content") if isinstance(t, dict) else t
 
 
-
-
 # -----------------------------------------------------------------------------
 # A tokenizer for the demo model, trained on the demo's own text
 
@@ -106,9 +105,6 @@ def train_bpe(texts, out_dir, vocab_size: int = 2048) -> Tokenizer:
     Pre-splitting keeps a decimal number such as " 4.0" or " 3.54" in one piece (GPT-2 splits it into
     " 4", ".", "0"), so a rating copied from the prompt into the reasoning is one and the same token.
     """
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r" ?[0-9]+(?:\.[0-9]+)?| ?[^\s0-9]+|\s+"), behavior="isolated"),

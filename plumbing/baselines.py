@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import Rating
-
-RATING_SCALE = (1.0, 5.0)
+from data import RATING_SCALE, Rating
 
 
 class _Baseline:

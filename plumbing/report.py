@@ -1,4 +1,5 @@
-"""Evaluation and reporting: greedy scoring of a model, the results table, the run log and its curves.
+"""Evaluation and reporting: greedy scoring of a model, a step's rollout metrics, the results table,
+the run log and its curves.
 
 Evaluation decodes greedily (the paper's setting) and scores an unparsable output with a fallback
 prediction rather than dropping it or, as the released code did, counting it as perfect.
@@ -7,19 +8,22 @@ prediction rather than dropping it or, as the released code did, counting it as 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from reczero import parse_output, rating_metrics
-from sampling import SamplingConfig, generate
+from grpo import RolloutBatch
+from model import SamplingConfig, generate
+from reczero import Reward, parse_output, rating_metrics
 
 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval"):
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
-    fallback[(user_id, item_id, time)] (train.py passes the bias baseline's prediction)."""
+    fallback[example.target.key] (train.py passes the bias baseline's prediction)."""
     model.eval()
     preds = []
     for i in tqdm(range(0, len(examples), batch), desc=desc, leave=False):
@@ -27,9 +31,22 @@ def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int
         gen = generate(model, [prompter(e) for e in chunk],
                        SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
         preds += [parse_output(tok.decode(c)).rating for c in gen.completions()]
-    scored = [fallback[(e.target.user_id, e.target.item_id, e.target.time)] for e in examples]
-    return rating_metrics(preds, [e.label for e in examples], scored)
+    fallbacks = [fallback[e.target.key] for e in examples]
+    return rating_metrics(preds, [e.label for e in examples], fallbacks)
 
+
+def rollout_metrics(rewards: list[Reward], truths: list[float], batch: RolloutBatch) -> dict:
+    """The task's view of one step's rollouts: reward spread and parts, format-valid share, training
+    MAE and the longest completion. rewards[r] is row r's Reward, truths[p] prompt p's true rating
+    (grpo_update already reports reward_mean, response_length_mean and truncated_frac)."""
+    rows = [(r, truths[p]) for r, p in zip(rewards, batch.prompt_index.tolist())]
+    errors = [abs(r.rating - y) for r, y in rows if r.valid]
+    return {"reward_std": float(np.std([r.total for r in rewards])),
+            "reward_format": float(np.mean([r.format for r in rewards])),
+            "reward_answer": float(np.mean([r.answer for r in rewards])),
+            "format_valid": len(errors) / len(rewards),
+            "train_mae": float(np.mean(errors)) if errors else math.nan,
+            "response_length_max": int(batch.completion_lengths.max())}
 
 
 class RunLog:
@@ -53,12 +70,17 @@ class RunLog:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
 
-    def sample(self, step: int, examples, texts, rewards, samples: int, k: int = 2):
+    def sample(self, step: int, examples, texts: list[str], rewards: list[Reward], prompt_index: list[int],
+               k: int = 2):
+        """Append the first completion of each of the first k prompts to samples.txt."""
         if self.enabled:
-            for i in range(min(k, len(examples))):
-                j = i * samples
-                self.samples.write(f"=== step {step} | truth {examples[i].label:g} | reward {rewards[j].total:.3f}\n"
-                                   f"{texts[j]}\n")
+            first = {}
+            for row, p in enumerate(prompt_index):
+                first.setdefault(p, row)
+            for p in sorted(first)[:k]:
+                row = first[p]
+                self.samples.write(f"=== step {step} | truth {examples[p].label:g} | reward {rewards[row].total:.3f}\n"
+                                   f"{texts[row]}\n")
             self.samples.flush()
 
 

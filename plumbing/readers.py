@@ -18,9 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-
 from data import Item, Rating, RatingData
-
 
 # ---------------------------------------------------------------- formats and errors
 

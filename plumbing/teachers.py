@@ -1,29 +1,37 @@
-"""RecOne stage 1: teachers write four-tag traces, the traces that end at the truth are kept, SFT on them.
+"""RecOne's cold-start traces: teachers write four-tag traces, and only those that end at the truth are kept.
 
-RecOne (PAPER.md §5): a teacher answers each training example in the same four-tag format. A trace
+RecOne (docs/paper.md): a teacher answers each training example in the same four-tag format. A trace
 whose rating equals the truth is kept (aligned); otherwise the teacher is asked again with the true
-rating and its new trace is kept only if it then ends at the truth (rationalised). The model is then
-fine-tuned on the kept traces before GRPO.
+rating and its new trace is kept only if it then ends at the truth (rationalised). train.py then
+fine-tunes the model on the kept traces (train.sft) before GRPO.
 
-Simplifications: the heuristic teacher stands in for the paper's DeepSeek-R1 (any checkpoint can be a
-teacher through ModelTeacher, and any trace file through load_traces); SFT is plain teacher-forced
-cross-entropy with linear warm-up and decay (the paper reports no SFT hyper-parameters).
+Simplification: the heuristic teacher stands in for the paper's DeepSeek-R1. Any checkpoint can be a
+teacher through ModelTeacher, and any file of traces can be read with load_traces.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import grpo
 from data import Example
-from reczero import (ITEM_CLOSE, ITEM_OPEN, MATCH_CLOSE, MATCH_OPEN, RATE_CLOSE, RATE_OPEN, USER_CLOSE, USER_OPEN,
-                     Prompter, parse_output)
+from model import SamplingConfig, generate
+from reczero import (
+    ITEM_CLOSE,
+    ITEM_OPEN,
+    MATCH_CLOSE,
+    MATCH_OPEN,
+    RATE_CLOSE,
+    RATE_OPEN,
+    USER_CLOSE,
+    USER_OPEN,
+    Prompter,
+    parse_output,
+)
+
 
 @dataclass
 class Evidence:
@@ -116,8 +124,6 @@ class ModelTeacher:
 
     def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
         """One sampled trace per example; a hint is the true rating to rationalise towards."""
-        from sampling import SamplingConfig, generate
-
         tok = self.prompter.tok
         hints = hints or [None] * len(examples)
         cfg = SamplingConfig(self.max_new_tokens, self.temperature, stop_ids=tok.stop_ids)
@@ -170,7 +176,7 @@ def build_cold_start(teacher, examples: list[Example]) -> tuple[list[Trace], Tra
 
 def load_traces(path, train: list[Example]) -> list[Trace]:
     """Cold-start traces from JSONL lines {user_id, item_id, time, text}, matched to training examples."""
-    index = {(e.target.user_id, e.target.item_id, e.target.time): e for e in train}
+    index = {e.target.key: e for e in train}
     traces = []
     for n, line in enumerate(open(path, encoding="utf-8"), 1):
         try:
@@ -180,55 +186,3 @@ def load_traces(path, train: list[Example]) -> list[Trace]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} line {n}: not a trace of a training example ({type(e).__name__}: {e})") from None
     return traces
-
-
-@dataclass
-class SFTConfig:
-    epochs: int = 2
-    lr: float = 1e-5
-    batch: int = 16
-    prompt_weight: float = 0.0  # > 0 also trains on the prompt tokens (a from-scratch model must learn them)
-    seed: int = 0
-
-
-def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None) -> None:
-    """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
-    cfg.prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay."""
-    if not traces:
-        raise ValueError("sft: no traces to train on")
-    tok = prompter.tok
-    rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    steps = cfg.epochs * math.ceil(len(rows) / cfg.batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps))
-    rng = np.random.default_rng(cfg.seed + 1)
-    model.train()
-    bar = tqdm(total=steps, desc="cold-start SFT")
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(rows))
-        for i in range(0, len(rows), cfg.batch):
-            batch = [rows[j] for j in order[i:i + cfg.batch]]
-            L = max(len(p) + len(c) for p, c in batch)
-            ids = torch.zeros(len(batch), L, dtype=torch.long)
-            done = torch.zeros(len(batch), L, dtype=torch.bool)  # completion tokens
-            said = torch.zeros(len(batch), L, dtype=torch.bool)  # prompt tokens after the first
-            for r, (p, c) in enumerate(batch):
-                ids[r, :len(p) + len(c)] = torch.tensor(p + c)
-                done[r, len(p):len(p) + len(c)] = True
-                said[r, 1:len(p)] = cfg.prompt_weight > 0
-            dev = model.embed_tokens.weight.device
-            ids, done, said = ids.to(dev), done.to(dev), said.to(dev)
-            logp, _ = grpo.token_logprobs(model, ids, done | said)
-            loss = -(logp * done).sum() / done.sum()  # mean next-token NLL over completion tokens
-            if cfg.prompt_weight > 0:
-                loss = loss - cfg.prompt_weight * (logp * said).sum() / said.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
-    bar.close()
-    model.eval()

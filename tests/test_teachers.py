@@ -1,24 +1,26 @@
-"""Tests for synthetic.py and coldstart.py: the synthetic data carries signal in the histories, the
-teacher writes valid traces, and the RecOne filter keeps only traces that end at the truth."""
+"""Tests for plumbing/synthetic.py, plumbing/teachers.py and train.sft: the synthetic data carries signal
+in the histories, the teacher writes valid traces, the RecOne filter keeps only traces that end at the
+truth, and SFT learns them."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baselines import fit_baselines  # noqa: E402
-from coldstart import HeuristicTeacher, ModelTeacher, SFTConfig, build_cold_start, history_evidence, sft  # noqa: E402
-from data import build_examples, split_by_time  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from reczero import Prompter, parse_output  # noqa: E402
-from synthetic import SyntheticConfig, make_synthetic  # noqa: E402
-from tokenizer import train_bpe  # noqa: E402
+from data import build_examples, split_by_time
+from model import ModelConfig, Transformer
+from plumbing.baselines import fit_baselines
+from plumbing.synthetic import SyntheticConfig, make_synthetic
+from plumbing.teachers import (
+    HeuristicTeacher,
+    ModelTeacher,
+    build_cold_start,
+    history_evidence,
+)
+from plumbing.tokenizer import train_bpe
+from reczero import Prompter, parse_output
+from train import SFTConfig, sft
 
 
 @pytest.fixture(scope="module")
@@ -97,5 +99,5 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
     texts = ModelTeacher(model, prompter, max_new_tokens=8).write(test[:3], [None, 4.0, None])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     losses = []
-    sft(model, prompter, traces[:16], SFTConfig(epochs=3, lr=3e-3, batch=8), log=losses.append)
+    sft(model, prompter, traces[:16], SFTConfig(sft_epochs=3, sft_lr=3e-3, sft_batch=8), log=losses.append)
     assert losses[-1]["loss"] < losses[0]["loss"]

@@ -1,0 +1,13 @@
+"""Everything a run needs that is not the lesson: a reader of GRPO can skip this package.
+
+- cli.py: train.py's flags (RunConfig), their paper and demo defaults, and their checks.
+- experiment.py: assembling a run: data and baselines, the demo's tokenizer and model, the teacher's
+  traces, data-parallel processes.
+- checkpoints.py: Hugging Face checkpoint folders in and out (safetensors only), training checkpoints.
+- tokenizer.py: `tokenizer.json` through `tokenizers`, chat formats, the demo's BPE trainer.
+- readers.py: Amazon, MovieLens, Yelp and CSV rating files (docs/data.md).
+- synthetic.py: the embedded synthetic dataset of the demo.
+- baselines.py: global mean, user+item bias, matrix factorisation.
+- teachers.py: RecOne's teachers and the aligned / rationalised trace filter.
+- report.py: greedy evaluation, a step's rollout metrics, the results table, metrics.jsonl, curves.
+"""

@@ -1,0 +1,182 @@
+"""Weights on disk: Hugging Face checkpoint folders in and out, and resumable training checkpoints.
+
+load_model / save_model read and write the layout `transformers` uses (config.json, model.safetensors
+or a sharded index, tokenizer files), so a checkpoint from the hub loads here and what we save loads
+in `transformers` with the same logits. Only safetensors are read: a pickle can run arbitrary code,
+so *.bin / *.pt files are never opened.
+
+A training checkpoint is such a folder with two more files: optimizer.safetensors (AdamW moments)
+and trainer_state.json (the TrainerState, the run's flags, the optimizer's param groups). Every
+folder is written to a temporary directory first and renamed into place, so a killed run leaves the
+previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
+from plumbing.tokenizer import TOKENIZER_FILES
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoint folders
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return [path / s for s in shards]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    if pickles:
+        raise CheckpointError(f"{path}: only pickle weights found ({', '.join(pickles)}); this project "
+                              "loads safetensors only, because unpickling can run arbitrary code. Convert "
+                              "them once with a tool you trust (e.g. transformers' save_pretrained).")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_config(path) -> ModelConfig:
+    """Read `path/config.json` into a ModelConfig."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    f = path / "config.json"
+    if not f.exists():
+        raise CheckpointError(f"{f}: file not found")
+    try:
+        return ModelConfig.from_hf(json.loads(f.read_text()), str(f))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Build the model on the meta device and assign the checkpoint's tensors, strictly by name and shape."""
+    path = Path(path)
+    cfg = load_config(path)
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, unexpected, bad_shape = {}, [], {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for name in sf.keys():
+                key = name.removeprefix("model.")
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints store the head too; ours is the embedding
+                if key not in expected:
+                    unexpected.append(name)
+                    continue
+                shape = tuple(sf.get_slice(name).get_shape())
+                if shape != tuple(expected[key]):
+                    bad_shape[key] = f"{name} {shape} (expected {tuple(expected[key])})"
+                    continue
+                state[key] = sf.get_tensor(name).to(dtype)
+    missing = sorted(set(expected) - set(state) - set(bad_shape))
+    problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
+        [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \
+        [f"wrong shape: {', '.join(bad_shape.values())}"] * bool(bad_shape)
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match config.json; " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in the file: rebuild off meta
+    return model.to(device).eval()
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Move a fully written directory into place; a crash leaves either the old or the new one."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict | None = None):
+    """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+    for name, payload in (extra_files or {}).items():
+        (tmp / name).write_bytes(payload if isinstance(payload, bytes) else payload.encode())
+    replace_dir(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Training checkpoints
+
+
+@dataclass
+class BestSoFar:
+    """--select best: the evaluation with the lowest validation MAE so far, and where its weights are."""
+
+    step: int
+    mae: float
+    path: str
+
+
+@dataclass
+class TrainerState:
+    """What a resumed run needs besides the weights and AdamW's moments (kept in trainer_state.json)."""
+
+    step: int = 0  # GRPO steps taken
+    cold_start: dict | None = None  # test metrics of the model GRPO started from (a RatingMetrics as a dict)
+    start_model: str | None = None  # the frozen reference policy for --beta > 0: the cold start or --model
+    best: BestSoFar | None = None
+
+    @staticmethod
+    def read(path) -> "TrainerState":
+        """The TrainerState in `path/trainer_state.json`."""
+        saved = json.loads((Path(path) / "trainer_state.json").read_text())
+        best = saved.get("best")
+        return TrainerState(saved["step"], saved.get("cold_start"), saved.get("start_model"),
+                            BestSoFar(**best) if best else None)
+
+
+def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, flags: dict):
+    """Model (safetensors + config), tokenizer, AdamW moments (safetensors) and trainer_state.json
+    (the state, the run's flags, the param groups), written atomically."""
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+    saved = {**asdict(state), "args": flags, "param_groups": opt["param_groups"]}
+    save_model(model, path, tok_dir, extra_files={"optimizer.safetensors": save(tensors),
+                                                  "trainer_state.json": json.dumps(saved, indent=1)})
+
+
+def load_optimizer(path: Path, optimizer) -> None:
+    """Restore AdamW moments and param groups written by save_checkpoint (no pickle involved)."""
+    state = {}
+    for key, value in load_file(str(Path(path) / "optimizer.safetensors")).items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    groups = json.loads((Path(path) / "trainer_state.json").read_text())["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,186 @@
+"""train.py's command line: every flag is a field of RunConfig, with its two defaults and its checks.
+
+A flag is declared once, as a RunConfig field: `--clip-low` is `clip_low`, and the config dataclasses
+of the stages (grpo.GRPOConfig, train.SFTConfig, model.SamplingConfig) use the same field names, so
+`pick(GRPOConfig, cfg)` builds them without renaming anything. A field whose default differs between
+the paper's setting (a real checkpoint, `--model`) and the CPU demo (no `--model`) carries both;
+parse_args applies the one that fits and `--help` shows both. Bad paths or flags end the run with one
+line and exit code 2 (`fail`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo import LOSS_AGG_MODES
+from plumbing.readers import FORMATS
+from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, PromptCaps
+
+_UNSET = object()
+
+
+def option(help: str, default=None, demo=_UNSET, choices=None):
+    """A RunConfig field and its flag. `default` applies with --model (the paper's setting) and
+    `demo` without it (the embedded CPU demo), when the two differ."""
+    return field(default=default, metadata={"help": help, "demo": demo, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    """Everything one run of train.py is asked to do; one field per command-line flag."""
+
+    # what to train on
+    model: str | None = option("Hugging Face checkpoint directory (safetensors); omit for the embedded demo")
+    data: str | None = option("ratings file or dataset directory; omit for the embedded synthetic data")
+    data_format: str | None = option("format of --data", choices=FORMATS)
+    meta: str | None = option("item metadata file (Amazon, Yelp) when not found next to --data")
+    synthetic_users: int = option("users in the embedded synthetic dataset", 1200)
+    skip_bad_rows: bool = option("skip malformed data rows (and report how many) instead of stopping", False)
+    mode: str = option("reczero: RL only; recone: cold-start SFT, then RL", "recone", choices=("reczero", "recone"))
+    out: str = option("output directory (checkpoints, metrics.jsonl, samples, plot)", "runs/demo")
+    seed: int = option("seed for data, model init, sampling and prompt order", 0)
+    # RecOne's cold start
+    teacher: str = option("RecOne teacher: 'heuristic' or a checkpoint directory (sampled greedily)", "heuristic")
+    sft_traces: str | None = option("JSONL of cold-start traces {user_id, item_id, time, text}; "
+                                    "default: the heuristic teacher")
+    cold_start_size: int = option("examples the teacher is asked about (RecOne)", 1000, 3000)
+    sft_epochs: int = option("cold-start SFT epochs", 2, 3)
+    sft_lr: float = option("cold-start SFT learning rate", 1e-5, 3e-3)
+    sft_batch: int = option("cold-start SFT batch size", 16, 4)
+    sft_prompt_weight: float = option("weight of the prompt tokens' LM loss in SFT (the demo model has never "
+                                      "read text, so it could also learn the prompt's language)", 0.0)
+    # GRPO
+    steps: int = option("GRPO steps", 300, 60)
+    prompts_per_step: int = option("prompts per GRPO step (over all ranks)", 8, 16)
+    samples: int = option("completions per prompt, G", 8)
+    lr: float = option("GRPO AdamW learning rate", 2e-6, 2e-4)
+    temperature: float = option("rollout temperature", 1.0)
+    top_p: float = option("rollout top-p (1 = off; keep off so ratios start at 1)", 1.0)
+    top_k: int = option("rollout top-k (0 = off)", 0)
+    max_new_tokens: int = option("completion cap", 1024, 96)
+    beta: float = option("KL coefficient; > 0 loads a frozen reference model (the paper: 0)", 0.0)
+    kl_estimator: str = option("KL estimator when beta > 0", "k3", choices=("k1", "k2", "k3"))
+    clip_low: float = option("PPO clip: ratio >= 1 - clip_low", 0.2)
+    clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2)
+    loss_agg: str = option("loss aggregation (the paper's verl: token-mean)", "token-mean", choices=LOSS_AGG_MODES)
+    adv_scale: str = option("advantage std: group (GRPO), batch, none (Dr. GRPO)", "group",
+                            choices=("group", "batch", "none"))
+    mu: int = option("optimizer passes per rollout batch", 1)
+    micro_batch: int = option("rows per forward/backward", 8, 64)
+    max_grad_norm: float = option("gradient clipping", 1.0)
+    drop_truncated: bool = option("leave completions that hit --max-new-tokens out of the loss", False)
+    reward: str = option("paper: +-0.5, 1-|e|/4; code: +-1, 1-|e|/2", "paper", choices=tuple(REWARD_PRESETS))
+    # evaluation, logging, checkpoints
+    eval_size: int = option("test examples scored (greedy)", 1000, 300)
+    eval_every: int = option("evaluate on validation examples every N steps", 50, 10)
+    select: str = option("weights scored on the test set at the end: the last step's, or those with the lowest "
+                         "validation MAE among the evaluations, step 0 included", "last", "best",
+                         choices=("last", "best"))
+    save_every: int = option("checkpoint every N steps (and at the end)", 50)
+    sample_every: int = option("write a few sample completions every N steps", 10)
+    eval_only: bool = option("score --model (or --resume) on the test set and exit", False)
+    resume: str | None = option("checkpoint directory to continue from (written by this script)")
+    # numerics and hardware
+    dtype: str = option("compute dtype (autocast); auto: bf16 on CUDA, fp32 on CPU", "auto",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    master_weights: str = option("dtype of the trained weights and AdamW state: fp32 (a 2e-6 step is below "
+                                 "bf16's resolution) or the compute dtype (halves memory)", "fp32",
+                                 choices=("fp32", "same"))
+    device: str = option("cpu, cuda, cuda:1 ... (auto: cuda when available)", "auto")
+    grad_checkpointing: bool = option("recompute each block in backward to save memory", False)
+    threads: int = option("CPU threads (0: torch's default)", 0)
+    # the prompt
+    system_prompt: str = option("'full' (the four-step prompt), 'short', or a file", "full", "short")
+    max_user_history: int = option("user history entries shown (the paper: 10)", 10, 6)
+    max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6)
+    item_texts: str = option("show the target item's earlier reviews and summaries", "on", "off",
+                             choices=("on", "off"))
+    history_fields: str | None = option("comma-separated item fields shown in each user-history block (all, as "
+                                        "in the paper, when not given)", None, "Categories")
+
+    @property
+    def demo(self) -> bool:
+        """No --model: the embedded CPU demo (its own defaults, a tiny model trained from scratch)."""
+        return self.model is None
+
+
+def pick(cls, cfg: RunConfig, **extra):
+    """An instance of the dataclass `cls` with each field that RunConfig also has taken from cfg."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **extra)
+
+
+def _defaults_text(f: dataclasses.Field) -> str:
+    demo = f.metadata["demo"]
+    return f" (default: {f.default} / {demo})" if demo is not _UNSET else \
+        (f" (default: {f.default})" if f.default not in (None, False) else "")
+
+
+def parse_args(argv=None) -> RunConfig:
+    """Flags -> RunConfig, the paper's or the demo's default filled in for each flag not given."""
+    p = argparse.ArgumentParser(description="RecZero / RecOne training: cold-start SFT, GRPO, evaluation.",
+                                epilog="Defaults shown as 'paper / demo': the first applies with --model, "
+                                       "the second without.")
+    types = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        name, kind = "--" + f.name.replace("_", "-"), types[f.name]
+        if kind is bool:
+            p.add_argument(name, action="store_true", help=f.metadata["help"])
+            continue
+        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        p.add_argument(name, type=base, choices=f.metadata["choices"], default=None,
+                       help=f.metadata["help"] + _defaults_text(f))
+    given = vars(p.parse_args(argv))
+    demo = given["model"] is None
+    values = {}
+    for f in dataclasses.fields(RunConfig):
+        value = given[f.name]
+        if value is None or value is False:
+            value = f.metadata["demo"] if demo and f.metadata["demo"] is not _UNSET else f.default
+        values[f.name] = value
+    return RunConfig(**values)
+
+
+def fail(msg: str):
+    """One clear line and exit code 2 for bad paths or flags."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(cfg: RunConfig):
+    """Refuse bad flag combinations and missing paths before any work starts (one line, exit 2)."""
+    if cfg.data and not cfg.data_format:
+        fail("--data needs --data-format")
+    if cfg.data_format and not cfg.data:
+        fail("--data-format needs --data")
+    if cfg.teacher != "heuristic" and not (Path(cfg.teacher) / "config.json").exists():
+        fail(f"--teacher {cfg.teacher}: not 'heuristic' or a checkpoint directory")
+    for flag in ("model", "data", "meta", "sft_traces", "resume"):
+        path = getattr(cfg, flag)
+        if path and not Path(path).exists():
+            fail(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if cfg.model and not (Path(cfg.model) / "config.json").exists():
+        fail(f"--model {cfg.model}: not a checkpoint directory (no config.json)")
+    if cfg.prompts_per_step % max(int(os.environ.get("WORLD_SIZE", 1)), 1):
+        fail("--prompts-per-step must be divisible by the number of ranks")
+    if cfg.temperature <= 0:
+        fail("--temperature must be > 0 for training rollouts (evaluation is always greedy)")
+
+
+def prompt_settings(cfg: RunConfig) -> tuple[PromptCaps, str]:
+    """The prompt caps and the system prompt the flags ask for."""
+    caps = PromptCaps(max_user_history=cfg.max_user_history, max_item_history=cfg.max_item_history,
+                      item_texts=cfg.item_texts == "on")
+    if cfg.history_fields:
+        caps.history_fields = tuple(f.strip() for f in cfg.history_fields.split(","))
+    if cfg.system_prompt in ("full", "short"):
+        return caps, SYSTEM_PROMPT if cfg.system_prompt == "full" else SHORT_SYSTEM_PROMPT
+    if not Path(cfg.system_prompt).exists():
+        fail(f"--system-prompt {cfg.system_prompt}: not 'full', 'short' or a file")
+    return caps, Path(cfg.system_prompt).read_text()

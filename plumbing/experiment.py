@@ -1,0 +1,152 @@
+"""Assembling a run from its flags: the data and baselines, the demo's tokenizer and model, the teacher's
+traces, and the processes of a data-parallel run. train.py calls these; none of them is GRPO.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import Example, build_examples, split_by_time
+from model import ModelConfig, Transformer
+from plumbing.baselines import fit_baselines
+from plumbing.checkpoints import load_model
+from plumbing.cli import RunConfig, fail
+from plumbing.readers import load_ratings
+from plumbing.synthetic import SyntheticConfig, make_synthetic
+from plumbing.teachers import (
+    HeuristicTeacher,
+    ModelTeacher,
+    Trace,
+    build_cold_start,
+    load_traces,
+)
+from plumbing.tokenizer import Tokenizer, train_bpe
+from reczero import Prompter, render_user_message
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class TaskData:
+    """The examples of each split, the classic baselines fitted on the training split, and the
+    prediction an unparsable output is scored with (the bias baseline's), by Rating.key."""
+
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    baselines: dict
+    fallback: dict
+
+
+def load_task(cfg: RunConfig) -> TaskData:
+    """Ratings -> time split -> leak-free examples; classic baselines fitted on the training split."""
+    if cfg.data:
+        data = load_ratings(cfg.data, cfg.data_format, cfg.meta, skip_bad_rows=cfg.skip_bad_rows)
+        if data.skipped:
+            print(f"skipped {data.skipped} bad rows in {cfg.data}")
+    else:
+        data = make_synthetic(SyntheticConfig(n_users=cfg.synthetic_users, seed=cfg.seed))
+    split = split_by_time(data, "user-last")
+    rng = np.random.default_rng(cfg.seed)
+    # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
+    ex = {name: build_examples(data, getattr(split, name), cfg.max_user_history, cfg.max_item_history)
+          for name in ("train", "valid", "test")}
+    for name in ("valid", "test"):  # fixed random subsets, so evaluation cost is bounded
+        if len(ex[name]) > cfg.eval_size:
+            ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), cfg.eval_size, replace=False))]
+    if not ex["train"] or not ex["test"]:
+        fail(f"{cfg.data or 'synthetic data'}: no usable examples after the history filter")
+    baselines = fit_baselines(split.train, seed=cfg.seed)
+    fallback = {e.target.key: baselines["bias"].predict(e.target.user_id, e.target.item_id)
+                for e in ex["valid"] + ex["test"]}
+    print(f"data: {len(data.ratings)} ratings, examples train/valid/test {len(ex['train'])}/{len(ex['valid'])}/{len(ex['test'])}")
+    return TaskData(ex["train"], ex["valid"], ex["test"], baselines, fallback)
+
+
+# -----------------------------------------------------------------------------
+# The demo's tokenizer and model
+
+
+def demo_tokenizer(task: TaskData, prompter_settings, out: Path, rank: int) -> Path:
+    """A byte-level BPE trained (by rank 0) on the demo's own text: prompts, system prompt, teacher traces."""
+    caps, system = prompter_settings
+    tok_dir = out / "tokenizer"
+    if rank == 0:
+        corpus = [render_user_message(e, caps) for e in task.train[:3000]] + [system] + \
+            HeuristicTeacher().write(task.train[:2000])
+        train_bpe(corpus, tok_dir)
+    return tok_dir
+
+
+def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
+    """The tiny Qwen2-architecture model of the demo (0.94M parameters with a 2k vocabulary)."""
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                                   num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
+                                   max_position_embeddings=4096, eos_token_id=eos))
+
+
+# -----------------------------------------------------------------------------
+# RecOne's cold-start traces
+
+
+def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype, device, log) -> list[Trace]:
+    """RecOne's trace set: from --sft-traces, or written by the teacher for the first training examples."""
+    if cfg.sft_traces:
+        try:
+            traces = load_traces(cfg.sft_traces, task.train)
+        except ValueError as e:
+            fail(str(e))
+        log({"stage": "cold_start", "traces": len(traces)})
+        return traces
+    if cfg.teacher == "heuristic":
+        teacher = HeuristicTeacher(seed=cfg.seed)
+    else:
+        tok = Tokenizer(cfg.teacher)
+        teacher = ModelTeacher(load_model(cfg.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
+                               cfg.max_new_tokens, seed=cfg.seed)
+    traces, stats = build_cold_start(teacher, task.train[:cfg.cold_start_size])
+    print(f"cold start: {stats}")
+    if not traces:
+        fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "
+             "ask more examples (--cold-start-size), use another --teacher, or --mode reczero")
+    log({"stage": "cold_start", "traces": len(traces), **asdict(stats)})
+    return traces
+
+
+# -----------------------------------------------------------------------------
+# Data parallel
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over all ranks, in place."""
+        torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device: str) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Distributed()
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return Distributed(torch.distributed.get_rank(), world)

@@ -1,0 +1,74 @@
+"""Tests for plumbing/report.py: a step's rollout metrics and the sample log group rows by their prompt
+index (never by row order), and the results table shows what it is given."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from data import Example, Item, Rating
+from grpo import RolloutBatch
+from plumbing.report import RunLog, results_table, rollout_metrics
+from reczero import compute_reward, rating_metrics
+
+
+def trace(rating: str) -> str:
+    return f"<analyze user>u</analyze user><analyze item>i</analyze item><match>m</match><rate>{rating}</rate>"
+
+
+def shuffled_batch(prompt_index: list[int], lengths: list[int]) -> RolloutBatch:
+    n = len(prompt_index)
+    return RolloutBatch(torch.zeros(n, 10, dtype=torch.long), torch.full((n,), 2), torch.tensor(lengths),
+                        torch.zeros(n, dtype=torch.bool), torch.tensor(prompt_index), torch.zeros(n))
+
+
+def test_rollout_metrics_group_rows_by_prompt_index():
+    """Rows of two prompts interleaved (1, 0, 1, 0, 0): each row is scored against its own prompt's truth."""
+    truths = [2.0, 5.0]  # prompt 0's true rating, prompt 1's
+    index = [1, 0, 1, 0, 0]
+    texts = [trace("5"), trace("2"), trace("4"), trace("2"), "no tags"]
+    rewards = [compute_reward(t, truths[p]) for t, p in zip(texts, index)]
+    m = rollout_metrics(rewards, truths, shuffled_batch(index, [7, 3, 9, 4, 2]))
+    # errors of the valid rows: |5-5|, |2-2|, |4-5|, |2-2| -> mean 0.25 (grouping by order would say 1.5)
+    assert m["train_mae"] == pytest.approx(0.25)
+    assert m["format_valid"] == pytest.approx(0.8)
+    assert m["response_length_max"] == 9
+    totals = [r.total for r in rewards]
+    assert m["reward_std"] == pytest.approx(torch.tensor(totals).std(unbiased=False).item())
+    assert m["reward_format"] == pytest.approx((4 * 0.5 - 0.5) / 5)
+
+
+def test_rollout_metrics_with_no_valid_output():
+    """No parsable rating in the step: format_valid 0 and train_mae nan (not 0, which would flatter)."""
+    rewards = [compute_reward("nothing", 3.0)] * 2
+    m = rollout_metrics(rewards, [3.0], shuffled_batch([0, 0], [1, 1]))
+    assert m["format_valid"] == 0.0 and math.isnan(m["train_mae"])
+
+
+def example(rating: float) -> Example:
+    target = Rating("u", "i", rating, 100)
+    return Example(target, Item("i"), [], [], 3.0, 3.0)
+
+
+def test_sample_log_writes_the_first_row_of_each_prompt(tmp_path):
+    """samples.txt gets, for each of the first k prompts, its first row, found by prompt index."""
+    log = RunLog(tmp_path, enabled=True)
+    examples = [example(1.0), example(4.0), example(5.0)]
+    texts = ["p1-a", "p0-a", "p1-b", "p0-b", "p2-a"]
+    rewards = [compute_reward(t, 3.0) for t in texts]
+    log.sample(7, examples, texts, rewards, [1, 0, 1, 0, 2], k=2)
+    written = (tmp_path / "samples.txt").read_text()
+    assert "truth 1 |" in written and "p0-a" in written and "truth 4 |" in written and "p1-a" in written
+    assert "p0-b" not in written and "p1-b" not in written and "p2-a" not in written
+    log({"step": 7, "mae": 0.5})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 7, "mae": 0.5}
+
+
+def test_results_table_rows():
+    """One markdown row per method, with the numbers it was given."""
+    m = rating_metrics([4.0, None], [5.0, 3.0], [3.5, 3.5])
+    table = results_table([("LLM", m)])
+    assert "| LLM | 0.750 | " in table and "| 50% |" in table
