@@ -63,8 +63,14 @@ class PromptCaps:
     text_chars: int = 400  # description and reviews
     title_chars: int = 120
     item_texts: bool = True  # show the target's earlier reviews and summaries (the paper does)
+    # mark user-history entries that share a category with the target (ours, for the CPU demo's
+    # from-scratch model; a pretrained LLM finds them without help)
+    mark_shared: bool = False
     # which item fields the user-history blocks show after "k. Title, rating;" (all, as in the paper)
     history_fields: tuple[str, ...] = ("Title", "Categories", "Brand", "Price", "Summary", "Description", "Review")
+
+
+SHARED_MARK = " (same category)"  # appended to a history block by PromptCaps.mark_shared
 
 
 def _cut(text: str, cap: int) -> str:
@@ -100,7 +106,9 @@ def render_user_message(ex: Example, caps: PromptCaps = PromptCaps()) -> str:
     blocks = []
     for k, (r, item) in enumerate(user_hist, 1):
         title = _cut(item.title, caps.title_chars) or f"item {item.item_id}"
-        blocks.append(f"{k}. {title}, {r.rating:.1f};\n" + _item_fields(item, caps, r.summary, r.review, caps.history_fields))
+        mark = SHARED_MARK if caps.mark_shared and set(item.categories) & set(ex.item.categories) else ""
+        blocks.append(f"{k}. {title}, {r.rating:.1f};\n" + _item_fields(item, caps, r.summary, r.review,
+                                                                     caps.history_fields) + mark)
     # Target item: fixed features once, then what earlier raters (other users) gave and wrote.
     item_hist = ex.item_history[-caps.max_item_history :] if caps.max_item_history > 0 else []
     ratings = ", ".join(f"{r.rating:.1f}" for r in item_hist)
@@ -249,6 +257,9 @@ class RatingMetrics:
     pred_std: float
     true_std: float
     distinct: int  # distinct scored predictions after rounding to 2 decimals; 1 means a collapsed model
+    # when the traces can be compared with a reference teacher's: the share agreeing on each field
+    # and the share whose rating follows the trace's own judgements (plumbing/teachers.Fidelity)
+    fidelity: dict | None = None
 
 
 def rating_metrics(preds: list[float | None], truths: list[float], fallback: list[float]) -> RatingMetrics:

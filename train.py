@@ -33,34 +33,13 @@ from tqdm import tqdm
 
 import grpo
 from model import CheckpointError, SamplingConfig, right_pad
-from plumbing.checkpoints import (
-    BestSoFar,
-    TrainerState,
-    load_model,
-    load_optimizer,
-    save_checkpoint,
-    save_model,
-)
+from plumbing.checkpoints import BestSoFar, TrainerState, load_model, load_optimizer, save_checkpoint, save_model
 from plumbing.cli import RunConfig, check_args, fail, parse_args, pick, prompt_settings
-from plumbing.experiment import (
-    Distributed,
-    TaskData,
-    cold_start_traces,
-    demo_model,
-    demo_tokenizer,
-    load_task,
-    setup_distributed,
-)
+from plumbing.experiment import (Distributed, TaskData, cold_start_traces, demo_model, demo_tokenizer, load_task,
+                                 setup_distributed, trace_fidelity)
 from plumbing.readers import DataError
-from plumbing.report import (
-    RunLog,
-    baseline_rows,
-    evaluate,
-    plot,
-    results_table,
-    rollout_metrics,
-)
-from plumbing.teachers import Trace
+from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
+from plumbing.teachers import Trace, TraceFidelity
 from plumbing.tokenizer import Tokenizer
 from reczero import REWARD_PRESETS, Prompter, RatingMetrics, compute_reward
 
@@ -139,7 +118,7 @@ def step_prompts(n_train: int, per_step: int, seed: int, step: int) -> list[int]
 
 
 def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: TaskData, cfg: RunConfig,
-               dist: Distributed, log: RunLog, state: TrainerState):
+               dist: Distributed, log: RunLog, state: TrainerState, fidelity: TraceFidelity | None = None):
     """The GRPO loop: one rollout and one update per step, periodic evaluation and checkpoints."""
     device = model.embed_tokens.weight.device
     grpo_cfg = pick(grpo.GRPOConfig, cfg)
@@ -161,10 +140,10 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
             save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
 
     def validate():
-        m = evaluate(model, tok, prompter, task.valid, task.fallback, cfg.max_new_tokens, desc="valid")
+        m = evaluate(model, tok, prompter, task.valid, task.fallback, cfg.max_new_tokens, desc="valid",
+                     fidelity=fidelity)
         log({"stage": "eval", "step": state.step, **asdict(m)})
-        tqdm.write(f"step {state.step}: valid MAE {m.mae:.3f} RMSE {m.rmse:.3f} format {m.valid_rate:.0%} "
-                   f"pred std {m.pred_std:.2f} distinct {m.distinct}")
+        tqdm.write(f"step {state.step}: valid {describe(m)}")
         if cfg.select == "best" and (state.best is None or m.mae < state.best.mae):
             save_model(model, out / "best", tok_dir)  # atomic: a crash keeps the previous best
             state.best = BestSoFar(state.step, m.mae, str(out / "best"))
@@ -254,7 +233,10 @@ def run(cfg: RunConfig, device: str, dtype, compute):
     prompter = Prompter(tok, *prompt_settings(cfg))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
-    rows = baseline_rows(task.baselines, task.test)
+    fidelity = trace_fidelity(cfg, task)
+    rows = baseline_rows(task.baselines, task.test, fidelity)
+    for name, m in rows:
+        log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
         rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test")))
         print(results_table(rows))
@@ -271,18 +253,21 @@ def run(cfg: RunConfig, device: str, dtype, compute):
         state.start_model = str(out / "cold_start")
         if dist.rank == 0:
             state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
-                                               desc="test (cold start)"))
+                                               desc="test (cold start)", fidelity=fidelity))
     elif not cfg.resume and dist.rank == 0:
         state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
                                            desc="test (before RL)"))
-    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state)
+    if not cfg.resume and dist.rank == 0:
+        log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
+    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity)
     if dist.rank == 0:
         label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
         if cfg.select == "best" and state.best:  # the weights of the best validation MAE
             step = state.best.step
             model = load_model(state.best.path, dtype, device)
             label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
-        final = evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test (GRPO)")
+        final = evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test (GRPO)",
+                         fidelity=fidelity)
         log({"stage": "test", "step": step, **asdict(final)})
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]

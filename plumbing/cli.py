@@ -49,22 +49,24 @@ class RunConfig:
     teacher: str = option("RecOne teacher: 'heuristic' or a checkpoint directory (sampled greedily)", "heuristic")
     sft_traces: str | None = option("JSONL of cold-start traces {user_id, item_id, time, text}; "
                                     "default: the heuristic teacher")
-    cold_start_size: int = option("examples the teacher is asked about (RecOne)", 1000, 3000)
-    sft_epochs: int = option("cold-start SFT epochs", 2, 3)
-    sft_lr: float = option("cold-start SFT learning rate", 1e-5, 3e-3)
-    sft_batch: int = option("cold-start SFT batch size", 16, 4)
+    cold_start_size: int = option("examples the teacher is asked about (RecOne)", 1000, 100000)
+    rationalise_rate: float = option("heuristic teacher: the chance it manages to argue its way to a true rating "
+                                     "within one star of its own", 0.3)
+    sft_epochs: int = option("cold-start SFT epochs", 2, 2)
+    sft_lr: float = option("cold-start SFT learning rate", 1e-5, 1e-3)
+    sft_batch: int = option("cold-start SFT batch size", 16, 16)
     sft_prompt_weight: float = option("weight of the prompt tokens' LM loss in SFT (the demo model has never "
                                       "read text, so it could also learn the prompt's language)", 0.0)
     # GRPO
     steps: int = option("GRPO steps", 300, 60)
     prompts_per_step: int = option("prompts per GRPO step (over all ranks)", 8, 16)
     samples: int = option("completions per prompt, G", 8)
-    lr: float = option("GRPO AdamW learning rate", 2e-6, 2e-4)
+    lr: float = option("GRPO AdamW learning rate", 2e-6, 1e-4)
     temperature: float = option("rollout temperature", 1.0)
     top_p: float = option("rollout top-p (1 = off; keep off so ratios start at 1)", 1.0)
     top_k: int = option("rollout top-k (0 = off)", 0)
     max_new_tokens: int = option("completion cap", 1024, 96)
-    beta: float = option("KL coefficient; > 0 loads a frozen reference model (the paper: 0)", 0.0)
+    beta: float = option("KL coefficient; > 0 loads a frozen reference model (the paper: 0)", 0.0, 0.3)
     kl_estimator: str = option("KL estimator when beta > 0", "k3", choices=("k1", "k2", "k3"))
     clip_low: float = option("PPO clip: ratio >= 1 - clip_low", 0.2)
     clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2)
@@ -80,7 +82,7 @@ class RunConfig:
     eval_size: int = option("test examples scored (greedy)", 1000, 300)
     eval_every: int = option("evaluate on validation examples every N steps", 50, 10)
     select: str = option("weights scored on the test set at the end: the last step's, or those with the lowest "
-                         "validation MAE among the evaluations, step 0 included", "last", "best",
+                         "validation MAE among the evaluations, step 0 included", "last",
                          choices=("last", "best"))
     save_every: int = option("checkpoint every N steps (and at the end)", 50)
     sample_every: int = option("write a few sample completions every N steps", 10)
@@ -101,6 +103,9 @@ class RunConfig:
     max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6)
     item_texts: str = option("show the target item's earlier reviews and summaries", "on", "off",
                              choices=("on", "off"))
+    mark_shared: str = option("mark user-history entries that share a category with the target item (ours: the "
+                              "demo's from-scratch model cannot learn to find them in minutes)", "off", "on",
+                              choices=("on", "off"))
     history_fields: str | None = option("comma-separated item fields shown in each user-history block (all, as "
                                         "in the paper, when not given)", None, "Categories")
 
@@ -176,7 +181,7 @@ def check_args(cfg: RunConfig):
 def prompt_settings(cfg: RunConfig) -> tuple[PromptCaps, str]:
     """The prompt caps and the system prompt the flags ask for."""
     caps = PromptCaps(max_user_history=cfg.max_user_history, max_item_history=cfg.max_item_history,
-                      item_texts=cfg.item_texts == "on")
+                      item_texts=cfg.item_texts == "on", mark_shared=cfg.mark_shared == "on")
     if cfg.history_fields:
         caps.history_fields = tuple(f.strip() for f in cfg.history_fields.split(","))
     if cfg.system_prompt in ("full", "short"):

@@ -18,13 +18,7 @@ from plumbing.checkpoints import load_model
 from plumbing.cli import RunConfig, fail
 from plumbing.readers import load_ratings
 from plumbing.synthetic import SyntheticConfig, make_synthetic
-from plumbing.teachers import (
-    HeuristicTeacher,
-    ModelTeacher,
-    Trace,
-    build_cold_start,
-    load_traces,
-)
+from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
 from plumbing.tokenizer import Tokenizer, train_bpe
 from reczero import Prompter, render_user_message
 
@@ -74,21 +68,21 @@ def load_task(cfg: RunConfig) -> TaskData:
 
 
 def demo_tokenizer(task: TaskData, prompter_settings, out: Path, rank: int) -> Path:
-    """A byte-level BPE trained (by rank 0) on the demo's own text: prompts, system prompt, teacher traces."""
+    """A byte-level BPE trained (by rank 0) on the demo's own text: prompts (with their chat roles and the
+    system prompt, as often as they occur) and teacher traces."""
     caps, system = prompter_settings
     tok_dir = out / "tokenizer"
     if rank == 0:
-        corpus = [render_user_message(e, caps) for e in task.train[:3000]] + [system] + \
-            HeuristicTeacher().write(task.train[:2000])
-        train_bpe(corpus, tok_dir)
+        corpus = [f"system\n{system}\nuser\n{render_user_message(e, caps)}\nassistant" for e in task.train[:3000]]
+        train_bpe(corpus + HeuristicTeacher().write(task.train[:2000]), tok_dir)
     return tok_dir
 
 
 def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
-    """The tiny Qwen2-architecture model of the demo (0.94M parameters with a 2k vocabulary)."""
+    """The tiny Qwen2-architecture model of the demo (0.54M parameters with a 2k vocabulary)."""
     torch.manual_seed(seed)
     return Transformer(ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                                   num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
+                                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
                                    max_position_embeddings=4096, eos_token_id=eos))
 
 
@@ -106,7 +100,7 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
         log({"stage": "cold_start", "traces": len(traces)})
         return traces
     if cfg.teacher == "heuristic":
-        teacher = HeuristicTeacher(seed=cfg.seed)
+        teacher = HeuristicTeacher(rationalise_rate=cfg.rationalise_rate, seed=cfg.seed)
     else:
         tok = Tokenizer(cfg.teacher)
         teacher = ModelTeacher(load_model(cfg.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
@@ -118,6 +112,14 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
              "ask more examples (--cold-start-size), use another --teacher, or --mode reczero")
     log({"stage": "cold_start", "traces": len(traces), **asdict(stats)})
     return traces
+
+
+def trace_fidelity(cfg: RunConfig, task: TaskData) -> TraceFidelity | None:
+    """When the heuristic teacher wrote the cold-start traces, a scorer of how far the model's traces
+    agree with it (see teachers.TraceFidelity); None otherwise."""
+    if cfg.mode == "recone" and cfg.teacher == "heuristic" and not cfg.sft_traces:
+        return TraceFidelity(HeuristicTeacher(), task.train)
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +18,38 @@ from tqdm import tqdm
 
 from grpo import RolloutBatch
 from model import SamplingConfig, generate
-from reczero import Reward, parse_output, rating_metrics
+from reczero import RatingMetrics, Reward, parse_output, rating_metrics
 
 
 @torch.no_grad()
-def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval"):
+def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
+             fidelity=None) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
-    fallback[example.target.key] (train.py passes the bias baseline's prediction)."""
+    fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
+    (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's."""
     model.eval()
-    preds = []
+    texts = []
     for i in tqdm(range(0, len(examples), batch), desc=desc, leave=False):
         chunk = examples[i:i + batch]
         gen = generate(model, [prompter(e) for e in chunk],
                        SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
-        preds += [parse_output(tok.decode(c)).rating for c in gen.completions()]
+        texts += [tok.decode(c) for c in gen.completions()]
     fallbacks = [fallback[e.target.key] for e in examples]
-    return rating_metrics(preds, [e.label for e in examples], fallbacks)
+    metrics = rating_metrics([parse_output(t).rating for t in texts], [e.label for e in examples], fallbacks)
+    if fidelity is not None:
+        metrics.fidelity = asdict(fidelity(examples, texts))
+    return metrics
+
+
+def describe(m: RatingMetrics) -> str:
+    """One line: MAE, RMSE, format-valid share, spread, distinct ratings, and fidelity when known."""
+    line = (f"MAE {m.mae:.3f} RMSE {m.rmse:.3f} format {m.valid_rate:.0%} pred std {m.pred_std:.2f} "
+            f"distinct {m.distinct}")
+    if m.fidelity:
+        f = m.fidelity
+        line += (f" | agrees with the teacher: category {f['category']:.0%} taste {f['taste']:.0%} "
+                 f"reception {f['reception']:.0%} rating {f['rating']:.0%}; consistent {f['consistent']:.0%}")
+    return line
 
 
 def rollout_metrics(rewards: list[Reward], truths: list[float], batch: RolloutBatch) -> dict:
@@ -84,22 +101,34 @@ class RunLog:
             self.samples.flush()
 
 
-def results_table(rows: list[tuple[str, object]]) -> str:
-    """A markdown table of RatingMetrics (or baseline MAE/RMSE rows)."""
-    out = ["| method | MAE | RMSE | format valid | MAE (valid only) | pred std (true) | distinct |",
-           "|---|---|---|---|---|---|---|"]
+FIDELITY_FIELDS = ("category", "taste", "reception", "rating", "consistent")
+
+
+def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
+    """A markdown table of RatingMetrics; with fidelity columns when any row has them."""
+    with_fidelity = any(m.fidelity for _, m in rows)
+    head = "| method | MAE | RMSE | format valid | MAE (valid only) | pred std (true) | distinct |"
+    out = [head + (" agrees: category | taste | reception | rating | consistent |" if with_fidelity else ""),
+           "|---" * (7 + 5 * with_fidelity) + "|"]
     for name, m in rows:
-        out.append(f"| {name} | {m.mae:.3f} | {m.rmse:.3f} | {m.valid_rate:.0%} | {m.mae_valid:.3f} | "
-                   f"{m.pred_std:.2f} ({m.true_std:.2f}) | {m.distinct} |")
+        row = (f"| {name} | {m.mae:.3f} | {m.rmse:.3f} | {m.valid_rate:.0%} | {m.mae_valid:.3f} | "
+               f"{m.pred_std:.2f} ({m.true_std:.2f}) | {m.distinct} |")
+        if with_fidelity:
+            row += "".join(f" {m.fidelity[k]:.0%} |" if m.fidelity else " - |" for k in FIDELITY_FIELDS)
+        out.append(row)
     return "\n".join(out)
 
 
-def baseline_rows(baselines: dict, test) -> list:
-    """(name, RatingMetrics) of the classic baselines on the test examples."""
+def baseline_rows(baselines: dict, test, fidelity=None) -> list[tuple[str, RatingMetrics]]:
+    """(name, RatingMetrics) of the classic baselines on the test examples, and of the heuristic
+    teacher's own ratings when `fidelity` (a teachers.TraceFidelity) is given."""
     rows = []
     for name, label in (("global_mean", "global mean"), ("bias", "user+item bias"), ("mf", "matrix factorisation")):
         pred = baselines[name].predict_many([e.target for e in test]).tolist()
         rows.append((label, rating_metrics(pred, [e.label for e in test], pred)))
+    if fidelity is not None:
+        pred = [fidelity.teacher.judge(e).rating for e in test]
+        rows.append(("heuristic teacher", rating_metrics(pred, [e.label for e in test], pred)))
     return rows
 
 

@@ -54,7 +54,7 @@ class SyntheticConfig:
     base: float = 3.1
     user_bias_sd: float = 0.3
     taste_sd: float = 1.2  # user x genre effect: the signal only the histories reveal
-    quality_sd: float = 0.5
+    quality_sd: float = 0.9  # how much an item's own quality moves its ratings (the teacher ignores it)
     noise_sd: float = 0.3
     seed: int = 0
 

@@ -12,6 +12,7 @@ teacher through ModelTeacher, and any file of traces can be read with load_trace
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,18 +20,8 @@ import torch
 
 from data import Example
 from model import SamplingConfig, generate
-from reczero import (
-    ITEM_CLOSE,
-    ITEM_OPEN,
-    MATCH_CLOSE,
-    MATCH_OPEN,
-    RATE_CLOSE,
-    RATE_OPEN,
-    USER_CLOSE,
-    USER_OPEN,
-    Prompter,
-    parse_output,
-)
+from reczero import (ITEM_CLOSE, ITEM_OPEN, MATCH_CLOSE, MATCH_OPEN, RATE_CLOSE, RATE_OPEN, USER_CLOSE, USER_OPEN,
+                     Prompter, parse_output)
 
 
 @dataclass
@@ -77,7 +68,7 @@ class HeuristicTeacher:
     teacher often drifts back to its first answer.
     """
 
-    def __init__(self, rationalise_rate: float = 0.5, max_shift: float = 1.0, seed: int = 0):
+    def __init__(self, rationalise_rate: float = 0.3, max_shift: float = 1.0, seed: int = 0):
         self.rationalise_rate, self.max_shift = rationalise_rate, max_shift
         self.rng = np.random.default_rng(seed)
 
@@ -89,6 +80,12 @@ class HeuristicTeacher:
     def own_rating(self, ev: Evidence) -> int:
         """The teacher's prediction: the rating its taste word stands for (its blind spot: the item)."""
         return TASTE_RATING[self.taste(ev)]
+
+    def judge(self, ex: Example) -> Judgement:
+        """The decisive fields of the trace this teacher writes for `ex` (before any rationalisation)."""
+        ev = history_evidence(ex)
+        return Judgement(ev.categories[0] if ev.categories else None, self.taste(ev),
+                         _level(ev.item_avg, *RECEPTION), float(self.own_rating(ev)))
 
     def write(self, examples: list[Example], hints: list[float | None] | None = None) -> list[str]:
         """One trace per example; a hint is the true rating to rationalise towards."""
@@ -106,10 +103,78 @@ class HeuristicTeacher:
         user = f"The user {taste} {cat}{basis}; {_level(ev.user_avg, *RATER)} rater."
         pos = [f"{cat}"] * (taste in ("loves", "likes")) + [f"{reception} by others"] * (reception in ("acclaimed", "liked"))
         neg = [f"{cat}"] * (taste in ("dislikes", "hates")) + [f"{reception} by others"] * (reception in ("weak", "panned"))
-        item = f"{cat} item, {reception} by others. [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
-        match = f"{taste} {cat}, {reception} item."
+        item = f"A {cat} item, {reception} by others. [pos] {'; '.join(pos) or 'none'} [neg] {'; '.join(neg) or 'none'}"
+        match = f"The user {taste} {cat}; the item is {reception}."
         return (f"{USER_OPEN}\n{user}\n{USER_CLOSE}\n{ITEM_OPEN}\n{item}\n{ITEM_CLOSE}\n"
                 f"{MATCH_OPEN}\n{match}\n{MATCH_CLOSE}\n{RATE_OPEN}\n{rating:g}\n{RATE_CLOSE}")
+
+
+# -----------------------------------------------------------------------------
+# Reasoning fidelity: does a model's trace say what the teacher's would?
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The decisive fields of a heuristic-teacher trace; None where a trace does not state one."""
+
+    category: str | None  # the target item's category, copied from the prompt
+    taste: str | None  # the user's taste for it, from their ratings of items of that category
+    reception: str | None  # how other users received the item, from its average rating
+    rating: float | None
+
+
+_TASTE_WORDS = "|".join(TASTE[0])
+_USER_LINE = re.compile(rf"The user ({_TASTE_WORDS}) (.+?)(?: \(no earlier .*?\))?;")
+_RECEPTION_LINE = re.compile(rf"({'|'.join(RECEPTION[0])}) by others")
+
+
+def read_judgement(text: str) -> Judgement:
+    """The decisive fields of a trace written in the heuristic teacher's format (any text is accepted)."""
+    user, item = _USER_LINE.search(text), _RECEPTION_LINE.search(text)
+    return Judgement(user.group(2) if user else None, user.group(1) if user else None,
+                     item.group(1) if item else None, parse_output(text).rating)
+
+
+@dataclass
+class Fidelity:
+    """Shares of evaluated examples: each field of the model's trace agreeing with the heuristic
+    teacher's trace for the same example, and `consistent`: the model's rating is the one its own
+    written taste and reception imply (the median true rating of training examples the teacher
+    judges the same way)."""
+
+    category: float
+    taste: float
+    reception: float
+    rating: float
+    consistent: float
+
+
+class TraceFidelity:
+    """Scores traces against the heuristic teacher: fidelity(examples, texts) -> Fidelity.
+
+    The implied rating of a (taste, reception) pair is fitted once on the training examples: what the
+    two judgements say about the rating in this data, so a rating that follows its own reasoning
+    (right or wrong words) counts as consistent and one that ignores it does not."""
+
+    def __init__(self, teacher: HeuristicTeacher, train: list[Example]):
+        self.teacher = teacher
+        ratings: dict[tuple[str, str], list[float]] = {}
+        for ex in train:
+            j = teacher.judge(ex)
+            ratings.setdefault((j.taste, j.reception), []).append(ex.label)
+        self.implied = {k: float(np.median(v)) for k, v in ratings.items()}
+
+    def __call__(self, examples: list[Example], texts: list[str]) -> Fidelity:
+        agree = {"category": 0, "taste": 0, "reception": 0, "rating": 0}
+        consistent = 0
+        for ex, text in zip(examples, texts):
+            own, ref = read_judgement(text), self.teacher.judge(ex)
+            for field in agree:
+                agree[field] += getattr(own, field) == getattr(ref, field)
+            implied = self.implied.get((own.taste, own.reception))
+            consistent += own.rating is not None and own.rating == implied
+        n = max(len(examples), 1)
+        return Fidelity(**{k: v / n for k, v in agree.items()}, consistent=consistent / n)
 
 
 class ModelTeacher:

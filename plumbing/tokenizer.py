@@ -102,12 +102,15 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
 def train_bpe(texts, out_dir, vocab_size: int = 2048) -> Tokenizer:
     """Train a byte-level BPE on `texts`, save it with ChatML special tokens in the Hugging Face layout.
 
-    Pre-splitting keeps a decimal number such as " 4.0" or " 3.54" in one piece (GPT-2 splits it into
-    " 4", ".", "0"), so a rating copied from the prompt into the reasoning is one and the same token.
+    The pre-split keeps one word one token wherever it stands: a decimal number such as " 4.0" stays
+    whole (GPT-2 splits it into " 4", ".", "0"), punctuation is split off words (so " Drama" in the
+    prompt and in "Drama;" of a trace is the same token, and copying it is a copy, not a translation),
+    and a tag such as "<analyze user>" or "[pos]" stays one piece.
     """
     tok = HFTokenizer(models.BPE())
+    words = r" ?</?[a-z]+(?: [a-z]+)?>| ?\[[a-z]+\]| ?[0-9]+(?:\.[0-9]+)?| ?[A-Za-z_'\-]+| ?[^\sA-Za-z0-9_'\-]+|\s+"
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?[0-9]+(?:\.[0-9]+)?| ?[^\s0-9]+|\s+"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(words), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -41,3 +41,48 @@ def test_bench_gpu_quick(tmp_path, capsys):
     for key in ("sample", "train"):
         assert res[key]["ours_tok_s"] > 0 and res[key]["theirs_tok_s"] > 0 and res[key]["ratio"] > 0
     assert res["train"]["mfu"] > 0
+
+
+def demo_run(seed, start_mae, final_mae, seconds=150.0, category=1.0, curve=(0.8, 0.7)):
+    metrics = lambda mae, fid: {"mae": mae, "rmse": mae + 0.3, "pred_std": 1.0, "distinct": 5, "fidelity": fid}  # noqa: E731
+    fid = {"category": category, "taste": 0.95, "reception": 0.99, "rating": 0.9, "consistent": 0.6}
+    rows = {"global mean": metrics(1.0, None), "user+item bias": metrics(0.8, None),
+            "matrix factorisation": metrics(0.66, None), "heuristic teacher": metrics(start_mae + 0.02, None),
+            "LLM after cold start": metrics(start_mae, fid), "LLM after GRPO": metrics(final_mae, fid)}
+    return {"seed": seed, "seconds": seconds, "rows": rows, "final_step": 60,
+            "valid_curve": list(zip((0, 60), curve))}
+
+
+def test_demo_seeds_checks_and_tables_keep_failed_seeds():
+    """Each seed is checked on its own: a seed whose GRPO gain is under 10% or whose reasoning drifted is
+    marked **no**, a crashed seed is listed as FAILED, and the means are over the seeds that ran."""
+    import demo_seeds
+
+    good = demo_run(0, 0.80, 0.60)
+    weak = demo_run(1, 0.70, 0.66, category=0.80)
+    crashed = {"seed": 2, "seconds": 3.0, "error": ["train.py: error: something"]}
+    assert all(demo_seeds.checks(good).values())
+    weak_checks = demo_seeds.checks(weak)
+    assert not weak_checks["GRPO test MAE >= 10% below the cold start's"]
+    assert not weak_checks["category fidelity after GRPO >= 90%"]
+    assert weak_checks["beats user+item bias and matrix factorisation"] is False  # 0.66 is not below 0.66
+    text = demo_seeds.tables([good, weak, crashed])
+    assert "| LLM after GRPO | 0.630 ± 0.042 |" in text
+    assert "| 2 | 0.1 | FAILED: train.py: error: something |" in text
+    assert "| GRPO test MAE >= 10% below the cold start's | yes | **no** | **no** |" in text
+
+
+def test_demo_seeds_end_to_end_tiny(tmp_path):
+    """The sweep runs train.py per seed and reads its metrics.jsonl back (a tiny demo, 2 GRPO steps)."""
+    import demo_seeds
+
+    tiny = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
+            "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "1",
+            "--steps", "2", "--threads", "1"]
+    demo_seeds.main(["--seeds", "4", "--out", str(tmp_path), "--", *tiny])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert run["seed"] == 4 and "error" not in run and run["final_step"] == 2
+    assert [step for step, _ in run["valid_curve"]] == [0, 1, 2]
+    assert set(run["rows"]) >= {"user+item bias", "heuristic teacher", "LLM after cold start", "LLM after GRPO"}
+    assert "| LLM after GRPO |" in (tmp_path / "summary.md").read_text()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from data import Example, Item, Rating
 from reczero import (
     REWARD_PRESETS,
+    SHARED_MARK,
     SYSTEM_PROMPT,
     PromptCaps,
     RewardConfig,
@@ -231,6 +232,19 @@ def test_render_small_caps_and_short_text():
     assert "Brand" not in msg.split("target_item: ")[1]  # the target item has no brand
     full = render_user_message(ex)
     assert "..." not in full and "Summary: \u00e9\u00e9\u00e9\u00e9\u00e9 |" in full
+
+
+def test_mark_shared_marks_only_entries_sharing_a_category_with_the_target():
+    """--mark-shared: a user-history block whose item shares a category with the target ends with the
+    marker; the others do not; off (the default) nothing is marked."""
+    ex = make_example(n_user=3, n_item=2, long=5)
+    other = Item("x", title="Other", categories=("Books",))
+    ex.user_history[1] = (ex.user_history[1][0], other)
+    caps = PromptCaps(history_fields=("Categories",), mark_shared=True)
+    blocks = render_user_message(ex, caps).split("user_avg_rating")[0].strip().split("\n\n")
+    assert [b.endswith(SHARED_MARK) for b in blocks] == [True, False, True]
+    assert "Categories: CDs, Jazz" + SHARED_MARK in blocks[0] and "Categories: Books" in blocks[1]
+    assert SHARED_MARK not in render_user_message(ex, PromptCaps(history_fields=("Categories",)))
 
 
 def test_build_messages():

@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_examples, split_by_time
+from data import Example, Item, Rating, build_examples, split_by_time
 from model import ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import (
     HeuristicTeacher,
+    Judgement,
     ModelTeacher,
+    TraceFidelity,
     build_cold_start,
     history_evidence,
+    read_judgement,
 )
 from plumbing.tokenizer import train_bpe
 from reczero import Prompter, parse_output
@@ -101,3 +104,67 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
     losses = []
     sft(model, prompter, traces[:16], SFTConfig(sft_epochs=3, sft_lr=3e-3, sft_batch=8), log=losses.append)
     assert losses[-1]["loss"] < losses[0]["loss"]
+
+
+# -----------------------------------------------------------------------------
+# reasoning fidelity
+
+
+def hand_example(genre: str, ratings: list[float], item_avg: float, label: float, other_genre="Horror") -> Example:
+    """A user who rated items of `genre` with `ratings` (plus one item of another genre, rated 1)."""
+    hist = [(Rating("u", f"h{k}", r, k), Item(f"h{k}", categories=(genre,))) for k, r in enumerate(ratings)]
+    hist.append((Rating("u", "o", 1.0, 50), Item("o", categories=(other_genre,))))
+    target = Rating("u", "t", label, 100)
+    return Example(target, Item("t", categories=(genre,)), hist, [Rating("v", "t", item_avg, 60)],
+                   user_avg=float(np.mean([r for r in ratings] + [1.0])), item_avg=item_avg)
+
+
+def trace(category: str, taste: str, reception: str, rating: str) -> str:
+    """A trace in the heuristic teacher's format, written by hand."""
+    return (f"<analyze user>\nThe user {taste} {category}; a moderate rater.\n</analyze user>\n"
+            f"<analyze item>\nA {category} item, {reception} by others. [pos] none [neg] none\n</analyze item>\n"
+            f"<match>\nThe user {taste} {category}; the item is {reception}.\n</match>\n<rate>\n{rating}\n</rate>")
+
+
+def test_judgement_of_hand_written_examples():
+    """The teacher's words follow its cuts: same-genre mean 4.5 -> loves, item average 3.9 -> acclaimed;
+    no same-genre history -> judged from the user average; its rating is the taste's."""
+    teacher = HeuristicTeacher()
+    assert teacher.judge(hand_example("Drama", [4, 5], 3.9, 5)) == Judgement("Drama", "loves", "acclaimed", 5.0)
+    assert teacher.judge(hand_example("Drama", [3, 4], 3.0, 4)) == Judgement("Drama", "likes", "mixed", 4.0)
+    lone = hand_example("Drama", [], 2.0, 1, other_genre="Comedy")  # only a Comedy rated 1: average 1.0
+    assert teacher.judge(lone) == Judgement("Drama", "hates", "panned", 1.0)
+
+
+def test_read_judgement_reads_the_teachers_own_traces(world):
+    """read_judgement(teacher's trace) == teacher.judge(example) for real examples (no rationalisation)."""
+    _, _, test = world
+    teacher = HeuristicTeacher()
+    for ex, text in zip(test[:50], teacher.write(test[:50])):
+        assert read_judgement(text) == teacher.judge(ex)
+    assert read_judgement("<rate>4</rate> no reasoning") == Judgement(None, None, None, None)
+    multi = read_judgement(trace("CDs & Vinyl", "is lukewarm on", "weak", "2.5").replace(
+        "; a moderate", " (no earlier CDs & Vinyl: judged from their average); a moderate"))
+    assert multi == Judgement("CDs & Vinyl", "is lukewarm on", "weak", 2.5)
+
+
+def test_fidelity_shares_by_hand():
+    """Four traces with known agreement: the shares are counted field by field, and `consistent` asks
+    whether the rating equals the implied rating of the trace's own taste and reception."""
+    examples = [hand_example("Drama", [4, 5], 3.9, 5), hand_example("Drama", [3, 4], 3.0, 4),
+                hand_example("Comedy", [2, 2], 2.4, 2), hand_example("Drama", [4, 5], 3.9, 5)]
+    fidelity = TraceFidelity(HeuristicTeacher(), [])
+    fidelity.implied = {("loves", "acclaimed"): 5.0, ("likes", "mixed"): 3.0, ("loves", "weak"): 4.0}
+    texts = [trace("Drama", "loves", "acclaimed", "5"),   # all four agree; consistent (5 = implied)
+             trace("Sci-Fi", "likes", "mixed", "4"),      # wrong category; 4 != implied 3
+             trace("Comedy", "loves", "weak", "4"),       # wrong taste (dislikes) and rating (2); consistent
+             "no tags at all"]                             # nothing
+    f = fidelity(examples, texts)
+    assert (f.category, f.taste, f.reception, f.rating, f.consistent) == (0.5, 0.5, 0.75, 0.5, 0.5)
+
+
+def test_implied_ratings_are_medians_of_the_training_truth():
+    """TraceFidelity fits, for each (taste, reception) the teacher writes, the median true rating."""
+    train = [hand_example("Drama", [4, 5], 3.9, y) for y in (3, 5, 5, 4, 5)] + [hand_example("Drama", [3, 4], 3.0, 2)]
+    fidelity = TraceFidelity(HeuristicTeacher(), train)
+    assert fidelity.implied == {("loves", "acclaimed"): 5.0, ("likes", "mixed"): 2.0}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from model import CheckpointError
-from plumbing.tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer, train_bpe
 
 TEXTS = ["Hello, world!", "  two spaces, a\ttab and a\nnewline ", "naïve café, Zürich, 東京, Ελληνικά",
          "emoji 🎬🍿👍🏽 ok", "<analyze user>likes jazz</analyze user>\n<analyze item>[pos] smooth</analyze item>\n"
@@ -74,3 +74,12 @@ def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):
     """A directory without tokenizer.json is a CheckpointError naming the file."""
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+def test_demo_bpe_keeps_words_tags_and_numbers_whole(tmp_path):
+    """The demo's BPE: a tag is one token, a number one token, and a word is the same token whether
+    punctuation follows it or not (so copying it from the prompt is a copy)."""
+    corpus = ["Categories: Drama\nThe user likes Drama; the item is liked. <analyze user> [pos] 3.54 4.0"] * 50
+    tok = train_bpe(corpus, tmp_path / "bpe", vocab_size=1000)  # enough merges for every word
+    pieces = [tok.decode([i]) for i in tok.encode("The user likes Drama; <analyze user> [pos] Drama, 3.54")]
+    assert pieces == ["The", " user", " likes", " Drama", ";", " <analyze user>", " [pos]", " Drama", ",", " 3.54"]

@@ -19,7 +19,7 @@ from plumbing.experiment import demo_model
 
 TINY = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
         "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "2",
-        "--sample-every", "1", "--threads", "1"]
+        "--sample-every", "1", "--threads", "1", "--select", "best"]
 
 
 def metrics(out: Path, stage="grpo") -> dict[int, dict]:
