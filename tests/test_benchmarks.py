@@ -72,8 +72,9 @@ def test_demo_seeds_checks_and_tables_keep_failed_seeds():
     assert "| GRPO test MAE >= 10% below the cold start's | yes | **no** | **no** |" in text
 
 
-def test_demo_seeds_end_to_end_tiny(tmp_path):
-    """The sweep runs train.py per seed and reads its metrics.jsonl back (a tiny demo, 2 GRPO steps)."""
+def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
+    """The sweep runs train.py per seed and reads its metrics.jsonl back (a tiny demo, 2 GRPO steps);
+    demo_traces reads the same run."""
     import demo_seeds
 
     tiny = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
@@ -86,3 +87,12 @@ def test_demo_seeds_end_to_end_tiny(tmp_path):
     assert [step for step, _ in run["valid_curve"]] == [0, 1, 2]
     assert set(run["rows"]) >= {"user+item bias", "heuristic teacher", "LLM after cold start", "LLM after GRPO"}
     assert "| LLM after GRPO |" in (tmp_path / "summary.md").read_text()
+
+    # demo_traces rebuilds the same task from the run's saved flags: its MAEs are the run's test rows
+    import demo_traces
+
+    demo_traces.main([str(tmp_path / "seed-4")])
+    printed = capsys.readouterr().out
+    start, final = run["rows"]["LLM after cold start"]["mae"], run["rows"]["LLM after GRPO"]["mae"]
+    assert f"cold start: test MAE {start:.3f}" in printed and f"GRPO: test MAE {final:.3f}" in printed
+    assert "6 test examples, step 2" in printed and "| the trace says: taste |" in printed
