@@ -98,6 +98,24 @@ class Example:
 # ---------------------------------------------------------------- splits
 
 
+def drop_duplicates(data: RatingData) -> int:
+    """Keep the first of ratings sharing (user, item, time), in place; returns how many were dropped.
+    A repeated row would be both a target and its own history, and count twice in every average."""
+    seen, kept = set(), []
+    for r in data.ratings:
+        if r.key not in seen:
+            seen.add(r.key)
+            kept.append(r)
+    dropped = len(data.ratings) - len(kept)
+    data.ratings = kept
+    return dropped
+
+
+def count_duplicates(data: RatingData) -> int:
+    """Ratings whose (user, item, time) an earlier rating already has."""
+    return len(data.ratings) - len({r.key for r in data.ratings})
+
+
 def split_by_time(data: RatingData, mode: str = "user-last", valid_frac: float = 0.1,
                   test_frac: float = 0.1) -> Split:
     """Split the ratings by time, deterministically (see the modes below).

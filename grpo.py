@@ -366,7 +366,8 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
 
     Each pass zero-grads, accumulates gradients over micro-batches (weights fixed over the whole
     batch), clips the grad norm and steps. A pass with a non-finite loss or grad norm does not step:
-    grads are zeroed, metrics carry skipped=1.0 and the remaining passes are abandoned.
+    grads are zeroed, metrics carry skipped=1.0 and the remaining passes are abandoned. A step that
+    leaves any weight non-finite is reported as weights_finite=0.0 (the caller must not keep them).
     sampler_logp_absdiff is reported only when the batch carries the sampler's log-probs.
     Data parallel: each rank passes its own groups and `all_reduce` (an in-place sum over ranks);
     normalisers are then global and gradients are summed before clipping, so N ranks take exactly
@@ -412,6 +413,8 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
             skipped = 1.0
             break
         optimizer.step()
+    # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
+    weights_finite = float(all(bool(torch.isfinite(p).all()) for p in params)) if passes and not skipped else 1.0
     n_tok = max(int(mask.sum()), 1)
     metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
     for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):
@@ -420,6 +423,7 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
         metrics["sampler_logp_absdiff"] = totals["sampler_logp_absdiff"] / n_tok  # first pass only
     metrics.update(
         skipped=skipped,
+        weights_finite=weights_finite,
         frac_reward_zero_std=adv.frac_zero_std_groups,
         reward_mean=batch.rewards.float().mean().item(),
         response_length_mean=batch.completion_lengths.float().mean().item(),

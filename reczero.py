@@ -1,8 +1,9 @@
 """RecZero task: the four-step prompt, output parsing, the rule-based reward and rating metrics.
 
 An LLM reads a user's history and a target item, reasons in four tagged blocks (analyze user, analyze
-item, match, rate) and ends with a 1-5 rating; GRPO trains it on R = R_format + R_answer (docs/paper.md
-describes the paper's prompt, reward and metrics and where we differ).
+item, match, rate) and ends with a rating on the data's scale (1-5; 0.5-5 for MovieLens 20M); GRPO
+trains it on R = R_format + R_answer (docs/paper.md describes the paper's prompt, reward and metrics
+and where we differ).
 
 Simplifications and decisions:
 - The prompt is a plain system + user message list; the tokenizer's chat template renders it (the released
@@ -36,7 +37,9 @@ MATCH_OPEN, MATCH_CLOSE = "<match>", "</match>"
 RATE_OPEN, RATE_CLOSE = "<rate>", "</rate>"
 TAG_PAIRS = ((USER_OPEN, USER_CLOSE), (ITEM_OPEN, ITEM_CLOSE), (MATCH_OPEN, MATCH_CLOSE), (RATE_OPEN, RATE_CLOSE))
 
-SYSTEM_PROMPT = f"""You predict how much a user will like an item. You receive four fields: user_history (items the \
+def full_system_prompt(scale: tuple[float, float] = RATING_SCALE) -> str:
+    """The system prompt asking for the four tagged steps, for ratings on `scale` (the data's)."""
+    return f"""You predict how much a user will like an item. You receive four fields: user_history (items the \
 user rated before, with what they wrote), user_avg_rating, target_item (its details plus earlier ratings and \
 reviews by other users) and target_item_avg_rating.
 
@@ -47,10 +50,13 @@ judging from their history.
 probably like with [pos] and each point they would probably dislike with [neg].
 3. {MATCH_OPEN} ... {MATCH_CLOSE}: weigh the preferences from step 1 against the [pos] and [neg] points \
 from step 2 and explain how well the item fits this user.
-4. {RATE_OPEN} ... {RATE_CLOSE}: write only the predicted rating, a number from 1 to 5 (decimals such as \
-3.5 are allowed), and nothing else.
+4. {RATE_OPEN} ... {RATE_CLOSE}: write only the predicted rating, a number from {scale[0]:g} to {scale[1]:g} \
+(decimals such as 3.5 are allowed), and nothing else.
 
 Use each pair of tags exactly once."""
+
+
+SYSTEM_PROMPT = full_system_prompt()
 
 
 @dataclass
@@ -171,11 +177,12 @@ class ParsedOutput:
     reason: str  # "ok" when valid
 
 
-def parse_output(text: str) -> ParsedOutput:
+def parse_output(text: str, scale: tuple[float, float] = RATING_SCALE) -> ParsedOutput:
     """Check the four-block format and read the rating; linear time, never raises on any str.
 
     Valid iff every tag occurs exactly once, the blocks come in order user -> item -> match -> rate without
-    overlap, the first three are non-empty, and the rate content is a plain decimal in [1, 5].
+    overlap, the first three are non-empty, and the rate content is a plain decimal within `scale`
+    (the data's rating scale: 1-5, or 0.5-5 for MovieLens 20M).
     """
     positions = []
     for tag in (t for pair in TAG_PAIRS for t in pair):
@@ -197,23 +204,36 @@ def parse_output(text: str) -> ParsedOutput:
     rate = contents[3]
     if _PLAIN_NUMBER.fullmatch(rate):
         value = float(rate)
-        if RATING_SCALE[0] <= value <= RATING_SCALE[1]:
+        if scale[0] <= value <= scale[1]:
             return ParsedOutput(True, value, "ok")
     shown = rate if len(rate) <= 40 else rate[:40] + "..."
-    return ParsedOutput(False, None, f"rate {shown!r} is not a number in [1, 5]")
+    return ParsedOutput(False, None, f"rate {shown!r} is not a number in [{scale[0]:g}, {scale[1]:g}]")
 
 
 @dataclass
 class RewardConfig:
-    """Reward shape: R_format = +-format_reward, R_answer = 1 - |y - y_hat| / max_error."""
+    """Reward shape: R_format = +-format_reward, R_answer = 1 - |y - y_hat| / max_error, for ratings
+    on `scale` (outside it an output is malformed)."""
 
     format_reward: float = 0.5
     max_error: float = 4.0
+    scale: tuple[float, float] = RATING_SCALE
 
 
-# RecZero paper: R_format = +-0.5, R_answer = 1 - |y - y_hat| / 4 (max_error 4 inferred from the 1-5 scale).
-# Released code (rec_rate_format.py): +-1 and 1 - |y - y_hat| / 2.
-REWARD_PRESETS = {"paper": RewardConfig(0.5, 4.0), "code": RewardConfig(1.0, 2.0)}
+# RecZero paper: R_format = +-0.5, R_answer = 1 - |y - y_hat| / 4 (max_error 4 inferred from the 1-5 scale:
+# the largest possible error, so R_answer spans [0, 1]; on another scale we keep that meaning).
+# Released code (rec_rate_format.py): +-1 and 1 - |y - y_hat| / 2, whatever the scale.
+REWARD_PRESETS = ("paper", "code")
+
+
+def reward_config(preset: str, scale: tuple[float, float] = RATING_SCALE) -> RewardConfig:
+    """The `--reward` preset for ratings on `scale`: paper -> +-0.5 and max_error = the scale's span
+    (4 on 1-5, 4.5 on 0.5-5); code -> +-1 and max_error 2."""
+    if preset == "paper":
+        return RewardConfig(0.5, scale[1] - scale[0], scale)
+    if preset == "code":
+        return RewardConfig(1.0, 2.0, scale)
+    raise ValueError(f"unknown reward preset {preset!r}; expected one of {REWARD_PRESETS}")
 
 
 @dataclass
@@ -227,12 +247,12 @@ class Reward:
     rating: float | None
 
 
-def compute_reward(text: str, truth: float, cfg: RewardConfig = REWARD_PRESETS["paper"]) -> Reward:
-    """R = R_format + R_answer (RecZero paper). Invalid -> -a; valid -> [a + 1 - 4/max_error, a + 1].
-
-    The range holds for truth in [1, 5]; an invalid output gets R_answer = 0, as in the released code.
+def compute_reward(text: str, truth: float, cfg: RewardConfig = RewardConfig()) -> Reward:
+    """R = R_format + R_answer (RecZero paper). Invalid -> -a; valid -> [a + 1 - span/max_error, a + 1]
+    where span is the scale's width (truth and rating both on cfg.scale); an invalid output gets
+    R_answer = 0, as in the released code.
     """
-    parsed = parse_output(text)
+    parsed = parse_output(text, cfg.scale)
     if not parsed.valid:
         return Reward(-cfg.format_reward, -cfg.format_reward, 0.0, False, None)
     answer = 1.0 - abs(truth - parsed.rating) / cfg.max_error  # RecZero paper: R_answer = 1 - |y - y_hat| / max_error

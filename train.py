@@ -21,7 +21,9 @@ Simplifications:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,13 +37,21 @@ import grpo
 from model import CheckpointError, SamplingConfig, right_pad
 from plumbing.checkpoints import BestSoFar, TrainerState, load_model, load_optimizer, save_checkpoint, save_model
 from plumbing.cli import RunConfig, check_args, fail, parse_args, pick, prompt_settings
-from plumbing.experiment import (Distributed, TaskData, cold_start_traces, demo_model, demo_tokenizer, load_task,
-                                 setup_distributed, trace_fidelity)
+from plumbing.experiment import (
+    Distributed,
+    TaskData,
+    cold_start_traces,
+    demo_model,
+    demo_tokenizer,
+    load_task,
+    setup_distributed,
+    trace_fidelity,
+)
 from plumbing.readers import DataError
 from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
-from plumbing.teachers import Trace, TraceFidelity
+from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
 from plumbing.tokenizer import Tokenizer
-from reczero import REWARD_PRESETS, Prompter, RatingMetrics, compute_reward
+from reczero import Prompter, RatingMetrics, compute_reward, reward_config
 
 # -----------------------------------------------------------------------------
 # RecOne stage 1: supervised fine-tuning on the teacher's traces
@@ -58,29 +68,47 @@ class SFTConfig:
     seed: int = 0
 
 
-def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None) -> None:
-    """Teacher-forced cross-entropy on the completion tokens (+ end token) of each trace, plus
-    cfg.sft_prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay."""
+def sft_row(prompter: Prompter, trace: Trace) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one trace: the completion ends with the token that closes an
+    assistant turn in the model's chat format, as the chat template would write it."""
+    return prompter(trace.example), prompter.tok.encode(trace.text) + [prompter.tok.turn_end_id]
+
+
+def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None,
+        start: int = 0, resume_from: Path | None = None, stop: GracefulStop | None = None, save=None) -> None:
+    """Teacher-forced cross-entropy on the completion tokens of each trace (see sft_row), plus
+    cfg.sft_prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay.
+
+    Resumable: `start` batches are skipped (the same seeded order is replayed) after AdamW's moments
+    and schedule are restored from `resume_from`. When `stop` is requested (Ctrl-C, SIGTERM), the
+    batch in progress finishes, save(step, optimizer) writes a checkpoint and the run exits (130)."""
     if not traces:
         raise ValueError("sft: no traces to train on")
     tok = prompter.tok
-    rows = [(prompter(t.example), tok.encode(t.text) + [tok.stop_ids[0]]) for t in traces]
+    rows = [sft_row(prompter, t) for t in traces]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    if resume_from is not None:
+        load_optimizer(resume_from, opt)  # also restores each group's initial_lr, which the schedule needs
     steps = cfg.sft_epochs * math.ceil(len(rows) / cfg.sft_batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps), last_epoch=start - 1)
     rng = np.random.default_rng(cfg.seed + 1)
     device = model.embed_tokens.weight.device
     model.train()
-    bar = tqdm(total=steps, desc="cold-start SFT")
+    bar = tqdm(total=steps, initial=start, desc="cold-start SFT")
+    step = 0
     for epoch in range(cfg.sft_epochs):
-        order = rng.permutation(len(rows))
+        order = rng.permutation(len(rows))  # drawn for every epoch, so a resumed run sees the same order
         for i in range(0, len(rows), cfg.sft_batch):
+            if step < start:  # done before the checkpoint
+                step += 1
+                continue
             batch = [rows[j] for j in order[i:i + cfg.sft_batch]]
             ids, _ = right_pad([p + c for p, c in batch], tok.pad_id, device)
             plens = torch.tensor([len(p) for p, _ in batch], device=device)
             clens = torch.tensor([len(c) for _, c in batch], device=device)
             trace_mask = grpo.completion_mask(plens, clens, ids.shape[1])  # the trace and its end token
-            prompt_mask = grpo.completion_mask(torch.ones_like(plens), plens - 1, ids.shape[1])  # prompt after token 0
+            prompt_mask = grpo.completion_mask(torch.ones_like(plens), plens - 1, ids.shape[1])  # after token 0
             prompt_mask &= cfg.sft_prompt_weight > 0
             logp, _ = grpo.token_logprobs(model, ids, trace_mask | prompt_mask)
             loss = -(logp * trace_mask).sum() / trace_mask.sum()  # mean next-token NLL over trace tokens
@@ -91,9 +119,18 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+            if stop is not None and stop.requested and save is not None:
+                bar.close()
+                if i + cfg.sft_batch >= len(rows):  # the epoch's last batch: its record is due now
+                    log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+                opt.zero_grad(set_to_none=True)
+                save(step, opt)
+                sys.exit(130)
+        if step > start:  # this run trained in this epoch
+            log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
     bar.close()
     model.eval()
 
@@ -117,13 +154,26 @@ def step_prompts(n_train: int, per_step: int, seed: int, step: int) -> list[int]
     return order[k * per_step:(k + 1) * per_step].tolist()
 
 
+NO_SIGNAL_STEPS = 3  # flat steps with no formatted completion before train_grpo says RL cannot start
+MAX_BAD_STEPS = 3  # consecutive non-finite steps before train_grpo stops the run
+
+
+def diverged(msg: str):
+    """Stop a run whose weights can no longer be trusted: nothing is saved, exit code 3."""
+    tqdm.write(f"train.py: error: {msg} Nothing was saved after it; resume from the last checkpoint written "
+               "(if any) with a lower --lr.", file=sys.stderr)
+    sys.exit(3)
+
+
 def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: TaskData, cfg: RunConfig,
-               dist: Distributed, log: RunLog, state: TrainerState, fidelity: TraceFidelity | None = None):
-    """The GRPO loop: one rollout and one update per step, periodic evaluation and checkpoints."""
+               dist: Distributed, log: RunLog, state: TrainerState, fidelity: TraceFidelity | None = None,
+               stop: GracefulStop | None = None):
+    """The GRPO loop: one rollout and one update per step, periodic evaluation and checkpoints; when
+    `stop` is requested (Ctrl-C, SIGTERM) the step in progress finishes, is saved, and the run exits (130)."""
     device = model.embed_tokens.weight.device
     grpo_cfg = pick(grpo.GRPOConfig, cfg)
     sampling = pick(SamplingConfig, cfg, stop_ids=tok.stop_ids)
-    reward_cfg = REWARD_PRESETS[cfg.reward]
+    reward_cfg = reward_config(cfg.reward, task.scale)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     out = Path(cfg.out)
     if cfg.resume:
@@ -141,7 +191,7 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
 
     def validate():
         m = evaluate(model, tok, prompter, task.valid, task.fallback, cfg.max_new_tokens, desc="valid",
-                     fidelity=fidelity)
+                     fidelity=fidelity, scale=task.scale)
         log({"stage": "eval", "step": state.step, **asdict(m)})
         tqdm.write(f"step {state.step}: valid {describe(m)}")
         if cfg.select == "best" and (state.best is None or m.mae < state.best.mae):
@@ -152,50 +202,95 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
         model.eval()
         validate()  # the starting point of the validation curve (after the cold start, if any)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="GRPO", disable=dist.rank != 0)
-    try:
-        while state.step < cfg.steps:
-            idx = step_prompts(len(task.train), cfg.prompts_per_step, cfg.seed, state.step)
-            examples = [task.train[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
-            t0 = time.time()
-            texts, rewards = [], []  # each row's decoded completion and Reward, in row order
+    flat_steps = 0  # consecutive steps in which every group's rewards were equal: no advantage, no gradient
+    bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+    while state.step < cfg.steps:
+        idx = step_prompts(len(task.train), cfg.prompts_per_step, cfg.seed, state.step)
+        examples = [task.train[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
+        t0 = time.time()
+        texts, rewards = [], []  # each row's decoded completion and Reward, in row order
 
-            def reward_fn(i: int, completion: list[int]) -> float:  # Step 2: the task's reward
-                texts.append(tok.decode(completion))
-                rewards.append(compute_reward(texts[-1], examples[i].label, reward_cfg))
-                return rewards[-1].total
+        def reward_fn(i: int, completion: list[int]) -> float:  # Step 2: the task's reward
+            texts.append(tok.decode(completion))
+            rewards.append(compute_reward(texts[-1], examples[i].label, reward_cfg))
+            return rewards[-1].total
 
-            # Steps 1-2: sample G completions of each prompt and score each one (grpo.rollout)
-            model.eval()
-            batch = grpo.rollout(model, [prompter(e) for e in examples], reward_fn, sampling, cfg.samples,
-                                 step_generator(cfg.seed, state.step, dist.rank, device), tok.pad_id)
-            t1 = time.time()
-            # Steps 3-7: advantages, log-probs, clipped loss, aggregation, AdamW (grpo.grpo_update)
-            model.train()
-            metrics = grpo.grpo_update(model, opt, batch, grpo_cfg, ref, all_reduce)
-            if metrics["skipped"]:
-                print(f"warning: step {state.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
-            state.step += 1
-            metrics.update(rollout_metrics(rewards, [e.label for e in examples], batch),
-                           stage="grpo", step=state.step, time_sampling=t1 - t0, time_update=time.time() - t1)
-            log(metrics)
-            bar.update()
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", mae=f"{metrics['train_mae']:.2f}")
-            if state.step % cfg.sample_every == 0:
-                log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
-            if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
-                validate()
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
-        save()
-        sys.exit(130)
+        # Steps 1-2: sample G completions of each prompt and score each one (grpo.rollout)
+        model.eval()
+        batch = grpo.rollout(model, [prompter(e) for e in examples], reward_fn, sampling, cfg.samples,
+                             step_generator(cfg.seed, state.step, dist.rank, device), tok.pad_id)
+        t1 = time.time()
+        # Steps 3-7: advantages, log-probs, clipped loss, aggregation, AdamW (grpo.grpo_update)
+        model.train()
+        metrics = grpo.grpo_update(model, opt, batch, grpo_cfg, ref, all_reduce)
+        if not metrics["weights_finite"]:
+            diverged(f"step {state.step + 1}: the update made weights non-finite; they are discarded.")
+        bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+        if bad_steps:
+            tqdm.write(f"warning: step {state.step + 1}: non-finite loss or gradient, update skipped",
+                       file=sys.stderr)
+        if bad_steps == MAX_BAD_STEPS:
+            diverged(f"{MAX_BAD_STEPS} steps in a row (to step {state.step + 1}) had a non-finite loss or "
+                     "gradient: the weights have diverged.")
+        state.step += 1
+        metrics.update(rollout_metrics(rewards, [e.label for e in examples], batch),
+                       stage="grpo", step=state.step, time_sampling=t1 - t0, time_update=time.time() - t1)
+        log(metrics)
+        bar.update()
+        flat_steps = flat_steps + 1 if metrics["frac_reward_zero_std"] == 1.0 else 0
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", mae=f"{metrics['train_mae']:.2f}",
+                        **({"signal": "none (all rewards in each group equal)"} if flat_steps else {}))
+        if flat_steps == NO_SIGNAL_STEPS and metrics["format_valid"] == 0 and dist.rank == 0:
+            tqdm.write(f"warning: {NO_SIGNAL_STEPS} steps without a single completion in the four-tag format: "
+                       "every reward is the format penalty, so GRPO has nothing to compare and the weights do "
+                       "not move. RecZero needs a model that already follows the format instructions: use "
+                       "--mode recone (a cold start teaches the format) or a larger instruct model.",
+                       file=sys.stderr)
+        if state.step % cfg.sample_every == 0:
+            log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
+        if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
+            validate()
+        if (state.step % cfg.save_every == 0 or state.step == cfg.steps) and not bad_steps:
+            save()  # never right after a non-finite step: the weights may be the cause
+        stopping = float(stop is not None and stop.requested is not None)
+        if dist.world > 1:  # every rank stops at the same step, or the others would wait forever
+            stopping = dist.all_reduce(torch.tensor([stopping], device=device)).item()
+        if stopping:
+            tqdm.write(f"stopping at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
+            save()
+            dist.barrier()
+            sys.exit(130)
     bar.close()
     model.eval()
 
 
 # -----------------------------------------------------------------------------
 # Main
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM, what schedulers send, asks the loops to stop after the step in
+    progress, so a checkpoint never holds a half-applied update; a second signal stops at once."""
+
+    def __init__(self):
+        self.requested: str | None = None  # the first signal's name
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"{self.requested}: stopping after this step to save a checkpoint "
+                   "(send it again to stop at once, unsaved)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Route SIGINT and SIGTERM here while the block runs (main thread only)."""
+        old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
 
 def main(argv=None):
@@ -207,30 +302,44 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compute, dtype = dtype, torch.float32 if cfg.master_weights == "fp32" else dtype  # dtype: of the weights
-    with torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
-        run(cfg, device, dtype, compute)
+    stop = GracefulStop()
+    try:
+        with stop.installed(), torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
+            run(cfg, device, dtype, compute, stop)
+    except KeyboardInterrupt:  # a second signal: stop where we are
+        print("\ninterrupted again: stopped without saving", file=sys.stderr)
+        sys.exit(130)
 
 
-def run(cfg: RunConfig, device: str, dtype, compute):
+def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):
     """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
     dist = setup_distributed(device)
     out = Path(cfg.out)
+    if cfg.demo and cfg.mode == "reczero" and not cfg.resume and dist.rank == 0:
+        print("warning: --mode reczero on the embedded demo starts GRPO from the demo's random weights, which "
+              "cannot write the four-tag format: every reward will be the format penalty and GRPO has no signal. "
+              "Use --mode recone (the default) or --model with an instruct checkpoint.", file=sys.stderr)
     try:
         task = load_task(cfg)
         state = TrainerState.read(cfg.resume) if cfg.resume else TrainerState(start_model=cfg.model)
+        if cfg.resume and state.data_fingerprint not in (None, task.fingerprint):
+            fail(f"--resume {cfg.resume}: the examples differ from those the checkpoint was trained on (data "
+                 f"fingerprint {task.fingerprint}, checkpoint {state.data_fingerprint}): has --data changed?")
+        state.data_fingerprint = task.fingerprint
         log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
         if cfg.resume or cfg.model:
             tok_dir = Path(cfg.resume or cfg.model)
             model, tok = load_model(tok_dir, dtype, device), Tokenizer(tok_dir)
+            tok.check_fits(model.config.vocab_size, tok_dir)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
-            tok_dir = demo_tokenizer(task, prompt_settings(cfg), out, dist.rank)
+            tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, dist.rank)
             dist.barrier()
             tok = Tokenizer(tok_dir)
-            model = demo_model(tok.vocab_size, tok.stop_ids[0], cfg.seed).to(device, dtype)
+            model = demo_model(tok.vocab_size, tok.turn_end_id, cfg.seed).to(device, dtype)
     except (DataError, CheckpointError, OSError) as e:
         fail(str(e))
     model.gradient_checkpointing = cfg.grad_checkpointing
-    prompter = Prompter(tok, *prompt_settings(cfg))
+    prompter = Prompter(tok, *prompt_settings(cfg, task.scale))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
     fidelity = trace_fidelity(cfg, task)
@@ -238,28 +347,50 @@ def run(cfg: RunConfig, device: str, dtype, compute):
     for name, m in rows:
         log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
-        rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test")))
+        rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test",
+                                        scale=task.scale)))
         print(results_table(rows))
         return
-    if not cfg.resume and cfg.mode == "recone":
-        traces = cold_start_traces(cfg, task, prompter, compute, device, log)
+    if cfg.mode == "recone" and (not cfg.resume or state.sft_step is not None):
+        if state.sft_step is None:  # a new cold start; its traces are kept, so a resumed SFT needs no teacher
+            traces = cold_start_traces(cfg, task, prompter, compute, device, log)
+            state.sft_step, state.sft_traces = 0, str(out / "cold_start_traces.jsonl")
+            if dist.rank == 0:
+                save_traces(traces, Path(state.sft_traces))
+        else:
+            traces = load_traces(state.sft_traces, task.train)
+
+        def save_sft(step: int, opt):
+            tqdm.write(f"stopping in the cold-start SFT at batch {step}: saving {out / 'checkpoint'} "
+                       f"(--resume {out / 'checkpoint'} continues from there)", file=sys.stderr)
+            state.sft_step = step
+            save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
+
         if dist.rank == 0:  # the other ranks load the result: the same weights everywhere
-            sft(model, prompter, traces, pick(SFTConfig, cfg), log)
+            sft(model, prompter, traces, pick(SFTConfig, cfg), log, start=state.sft_step,
+                resume_from=Path(cfg.resume) if cfg.resume else None, stop=stop, save=save_sft)
             # save in the HF layout and reload through the loader real checkpoints use
             save_model(model, out / "cold_start", tok_dir)
+        state.sft_step = None
         dist.barrier()
         model = load_model(out / "cold_start", dtype, device)
         model.gradient_checkpointing = cfg.grad_checkpointing
         state.start_model = str(out / "cold_start")
         if dist.rank == 0:
             state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
-                                               desc="test (cold start)", fidelity=fidelity))
-    elif not cfg.resume and dist.rank == 0:
-        state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
-                                           desc="test (before RL)"))
-    if not cfg.resume and dist.rank == 0:
+                                               desc="test (cold start)", fidelity=fidelity, scale=task.scale))
+    elif not cfg.resume:
+        if cfg.demo:  # random starting weights are on no disk: save them, the KL reference for --beta > 0
+            if dist.rank == 0:
+                save_model(model, out / "start", tok_dir)
+            dist.barrier()
+            state.start_model = str(out / "start")
+        if dist.rank == 0:
+            state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
+                                               desc="test (before RL)", scale=task.scale))
+    if state.step == 0 and dist.rank == 0:
         log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
-    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity)
+    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop)
     if dist.rank == 0:
         label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
         if cfg.select == "best" and state.best:  # the weights of the best validation MAE
@@ -267,7 +398,7 @@ def run(cfg: RunConfig, device: str, dtype, compute):
             model = load_model(state.best.path, dtype, device)
             label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
         final = evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test (GRPO)",
-                         fidelity=fidelity)
+                         fidelity=fidelity, scale=task.scale)
         log({"stage": "test", "step": step, **asdict(final)})
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]

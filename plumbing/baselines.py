@@ -109,10 +109,11 @@ class MatrixFactorization(BiasBaseline):
         return super()._raw(u, i) + (float(self.p[u] @ self.q[i]) if both else 0.0)
 
 
-def fit_baselines(train: list[Rating], seed: int = 0) -> dict[str, _Baseline]:
-    """Fit the three classic baselines with their default settings."""
+def fit_baselines(train: list[Rating], seed: int = 0,
+                  scale: tuple[float, float] = RATING_SCALE) -> dict[str, _Baseline]:
+    """Fit the three classic baselines with their default settings, predictions clipped to `scale`."""
     return {
-        "global_mean": GlobalMean().fit(train),
-        "bias": BiasBaseline().fit(train),
-        "mf": MatrixFactorization(seed=seed).fit(train),
+        "global_mean": GlobalMean(scale).fit(train),
+        "bias": BiasBaseline(scale=scale).fit(train),
+        "mf": MatrixFactorization(seed=seed, scale=scale).fit(train),
     }

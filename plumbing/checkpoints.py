@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
@@ -52,6 +52,11 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _unreadable(f: Path, e: SafetensorError) -> CheckpointError:
+    # the library's message ("incomplete metadata, file not fully covered") does not name the file
+    return CheckpointError(f"{f}: incomplete or corrupt safetensors file (an interrupted download?): {e}")
+
+
 def load_config(path) -> ModelConfig:
     """Read `path/config.json` into a ModelConfig."""
     path = Path(path)
@@ -76,7 +81,11 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state, unexpected, bad_shape = {}, [], {}
     for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+        try:  # safetensors checks at open that the header's offsets cover the file: a cut file fails here
+            sf = safe_open(str(f), framework="pt", device=str(device))
+        except SafetensorError as e:
+            raise _unreadable(f, e) from None
+        with sf:
             for name in sf.keys():
                 key = name.removeprefix("model.")
                 if key == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -152,6 +161,9 @@ class TrainerState:
     cold_start: dict | None = None  # test metrics of the model GRPO started from (a RatingMetrics as a dict)
     start_model: str | None = None  # the frozen reference policy for --beta > 0: the cold start or --model
     best: BestSoFar | None = None
+    data_fingerprint: str | None = None  # experiment.fingerprint of the task it trained on
+    sft_step: int | None = None  # set while RecOne's cold-start SFT runs: the batches it has done
+    sft_traces: str | None = None  # the cold-start traces (JSONL), so a resumed SFT needs no teacher
 
     @staticmethod
     def read(path) -> "TrainerState":
@@ -159,7 +171,8 @@ class TrainerState:
         saved = json.loads((Path(path) / "trainer_state.json").read_text())
         best = saved.get("best")
         return TrainerState(saved["step"], saved.get("cold_start"), saved.get("start_model"),
-                            BestSoFar(**best) if best else None)
+                            BestSoFar(**best) if best else None, saved.get("data_fingerprint"),
+                            saved.get("sft_step"), saved.get("sft_traces"))
 
 
 def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, flags: dict):
@@ -174,8 +187,12 @@ def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, 
 
 def load_optimizer(path: Path, optimizer) -> None:
     """Restore AdamW moments and param groups written by save_checkpoint (no pickle involved)."""
-    state = {}
-    for key, value in load_file(str(Path(path) / "optimizer.safetensors")).items():
+    state, f = {}, Path(path) / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(f))
+    except SafetensorError as e:
+        raise _unreadable(f, e) from None
+    for key, value in tensors.items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = value
     groups = json.loads((Path(path) / "trainer_state.json").read_text())["param_groups"]

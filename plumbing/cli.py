@@ -4,31 +4,63 @@ A flag is declared once, as a RunConfig field: `--clip-low` is `clip_low`, and t
 of the stages (grpo.GRPOConfig, train.SFTConfig, model.SamplingConfig) use the same field names, so
 `pick(GRPOConfig, cfg)` builds them without renaming anything. A field whose default differs between
 the paper's setting (a real checkpoint, `--model`) and the CPU demo (no `--model`) carries both;
-parse_args applies the one that fits and `--help` shows both. Bad paths or flags end the run with one
-line and exit code 2 (`fail`).
+parse_args applies the one that fits and `--help` shows both. A numeric field also says which values
+make sense (`Range`); check_args refuses any other, and bad paths, before any work starts: one line
+and exit code 2 (`fail`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import RATING_SCALE
 from grpo import LOSS_AGG_MODES
 from plumbing.readers import FORMATS
-from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, PromptCaps
+from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, PromptCaps, full_system_prompt
 
 _UNSET = object()
 
 
-def option(help: str, default=None, demo=_UNSET, choices=None):
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: lo <= v <= hi, strict where *_open; floats must be finite."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def __contains__(self, v) -> bool:
+        return (math.isfinite(v) and (self.lo < v if self.lo_open else self.lo <= v)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def at_least(lo: float, why: str = "") -> Range:
+    return Range(lo, why=why)
+
+
+def above(lo: float, why: str = "") -> Range:
+    return Range(lo, lo_open=True, why=why)
+
+
+def option(help: str, default=None, demo=_UNSET, choices=None, valid: Range | None = None):
     """A RunConfig field and its flag. `default` applies with --model (the paper's setting) and
-    `demo` without it (the embedded CPU demo), when the two differ."""
-    return field(default=default, metadata={"help": help, "demo": demo, "choices": choices})
+    `demo` without it (the embedded CPU demo), when the two differ; `valid`: the values that make sense."""
+    return field(default=default, metadata={"help": help, "demo": demo, "choices": choices, "valid": valid})
 
 
 @dataclass
@@ -40,54 +72,71 @@ class RunConfig:
     data: str | None = option("ratings file or dataset directory; omit for the embedded synthetic data")
     data_format: str | None = option("format of --data", choices=FORMATS)
     meta: str | None = option("item metadata file (Amazon, Yelp) when not found next to --data")
-    synthetic_users: int = option("users in the embedded synthetic dataset", 1200)
+    split: str = option("user-last: each user's last rating is test, the one before valid; global: the latest "
+                        "10%% of all ratings test, the 10%% before them valid (closer to Reason4Rec's chronological "
+                        "split)", "user-last", choices=("user-last", "global"))
+    synthetic_users: int = option("users in the embedded synthetic dataset", 1200, valid=at_least(1))
+    drop_duplicates: bool = option("keep only the first of ratings with the same (user, item, time); without "
+                                   "it they are kept, with a warning", False)
     skip_bad_rows: bool = option("skip malformed data rows (and report how many) instead of stopping", False)
     mode: str = option("reczero: RL only; recone: cold-start SFT, then RL", "recone", choices=("reczero", "recone"))
     out: str = option("output directory (checkpoints, metrics.jsonl, samples, plot)", "runs/demo")
-    seed: int = option("seed for data, model init, sampling and prompt order", 0)
+    seed: int = option("seed for data, model init, sampling and prompt order", 0, valid=at_least(0))
     # RecOne's cold start
     teacher: str = option("RecOne teacher: 'heuristic' or a checkpoint directory (sampled greedily)", "heuristic")
     sft_traces: str | None = option("JSONL of cold-start traces {user_id, item_id, time, text}; "
                                     "default: the heuristic teacher")
-    cold_start_size: int = option("examples the teacher is asked about (RecOne)", 1000, 100000)
+    cold_start_size: int = option("training examples the teacher is asked about, drawn at random (RecOne)",
+                                  1000, 100000, valid=at_least(1))
     rationalise_rate: float = option("heuristic teacher: the chance it manages to argue its way to a true rating "
-                                     "within one star of its own", 0.3)
-    sft_epochs: int = option("cold-start SFT epochs", 2, 2)
-    sft_lr: float = option("cold-start SFT learning rate", 1e-5, 1e-3)
-    sft_batch: int = option("cold-start SFT batch size", 16, 16)
+                                     "within one star of its own", 0.3, valid=Range(0, 1))
+    sft_epochs: int = option("cold-start SFT epochs", 2, 2, valid=at_least(1))
+    sft_lr: float = option("cold-start SFT learning rate", 1e-5, 1e-3, valid=above(0))
+    sft_batch: int = option("cold-start SFT batch size", 16, 16, valid=at_least(1))
     sft_prompt_weight: float = option("weight of the prompt tokens' LM loss in SFT (the demo model has never "
-                                      "read text, so it could also learn the prompt's language)", 0.0)
+                                      "read text, so it could also learn the prompt's language)", 0.0,
+                                      valid=at_least(0))
     # GRPO
-    steps: int = option("GRPO steps", 300, 60)
-    prompts_per_step: int = option("prompts per GRPO step (over all ranks)", 8, 16)
-    samples: int = option("completions per prompt, G", 8)
-    lr: float = option("GRPO AdamW learning rate", 2e-6, 1e-4)
-    temperature: float = option("rollout temperature", 1.0)
-    top_p: float = option("rollout top-p (1 = off; keep off so ratios start at 1)", 1.0)
-    top_k: int = option("rollout top-k (0 = off)", 0)
-    max_new_tokens: int = option("completion cap", 1024, 96)
-    beta: float = option("KL coefficient; > 0 loads a frozen reference model (the paper: 0)", 0.0, 0.3)
+    steps: int = option("GRPO steps", 300, 60, valid=at_least(0))
+    prompts_per_step: int = option("prompts per GRPO step (over all ranks)", 8, 16, valid=at_least(1))
+    samples: int = option("completions per prompt, G", 8,
+                          valid=at_least(2, "GRPO compares a prompt's completions: a group of one has advantage 0"))
+    lr: float = option("GRPO AdamW learning rate", 2e-6, 1e-4, valid=above(0))
+    temperature: float = option("rollout temperature", 1.0,
+                                valid=above(0, "for training rollouts; evaluation is always greedy"))
+    top_p: float = option("rollout top-p (1 = off; keep off so ratios start at 1)", 1.0,
+                          valid=Range(0, 1, lo_open=True))
+    top_k: int = option("rollout top-k (0 = off)", 0, valid=at_least(0))
+    max_new_tokens: int = option("completion cap", 1024, 96, valid=at_least(1))
+    beta: float = option("KL coefficient; > 0 loads a frozen reference model (the paper: 0)", 0.0, 0.3,
+                         valid=at_least(0))
     kl_estimator: str = option("KL estimator when beta > 0", "k3", choices=("k1", "k2", "k3"))
-    clip_low: float = option("PPO clip: ratio >= 1 - clip_low", 0.2)
-    clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2)
+    clip_low: float = option("PPO clip: ratio >= 1 - clip_low", 0.2,
+                             valid=Range(0, 1, hi_open=True, why="the ratio's lower bound 1 - clip_low must be > 0"))
+    clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2, valid=at_least(0))
     loss_agg: str = option("loss aggregation (the paper's verl: token-mean)", "token-mean", choices=LOSS_AGG_MODES)
     adv_scale: str = option("advantage std: group (GRPO), batch, none (Dr. GRPO)", "group",
                             choices=("group", "batch", "none"))
-    mu: int = option("optimizer passes per rollout batch", 1)
-    micro_batch: int = option("rows per forward/backward", 8, 64)
-    max_grad_norm: float = option("gradient clipping", 1.0)
+    mu: int = option("optimizer passes per rollout batch", 1, valid=at_least(1))
+    micro_batch: int = option("rows per forward/backward", 8, 64, valid=at_least(1))
+    max_grad_norm: float = option("gradient clipping", 1.0, valid=above(0, "the global gradient norm is clipped to it"))
     drop_truncated: bool = option("leave completions that hit --max-new-tokens out of the loss", False)
-    reward: str = option("paper: +-0.5, 1-|e|/4; code: +-1, 1-|e|/2", "paper", choices=tuple(REWARD_PRESETS))
+    reward: str = option("paper: +-0.5, 1-|e|/span (4 on a 1-5 scale); code: +-1, 1-|e|/2", "paper",
+                         choices=REWARD_PRESETS)
     # evaluation, logging, checkpoints
-    eval_size: int = option("test examples scored (greedy)", 1000, 300)
-    eval_every: int = option("evaluate on validation examples every N steps", 50, 10)
+    eval_size: int = option("test examples scored (greedy)", 1000, 300, valid=at_least(1))
+    eval_every: int = option("evaluate on validation examples every N steps", 50, 10, valid=at_least(1))
     select: str = option("weights scored on the test set at the end: the last step's, or those with the lowest "
                          "validation MAE among the evaluations, step 0 included", "last",
                          choices=("last", "best"))
-    save_every: int = option("checkpoint every N steps (and at the end)", 50)
-    sample_every: int = option("write a few sample completions every N steps", 10)
+    save_every: int = option("checkpoint every N steps (and at the end)", 50, valid=at_least(1))
+    sample_every: int = option("write a few sample completions every N steps", 10, valid=at_least(1))
     eval_only: bool = option("score --model (or --resume) on the test set and exit", False)
-    resume: str | None = option("checkpoint directory to continue from (written by this script)")
+    resume: str | None = option("checkpoint directory to continue from (written by this script); flags not "
+                                "given are the checkpoint's, and only --steps, the evaluation and checkpoint "
+                                "cadence, --select, --out and --threads may differ from it")
+    resume_override: str | None = option("with --resume: comma-separated flags allowed to differ from the "
+                                         "checkpoint's anyway (e.g. lr after a divergence)")
     # numerics and hardware
     dtype: str = option("compute dtype (autocast); auto: bf16 on CUDA, fp32 on CPU", "auto",
                         choices=("auto", "fp32", "bf16", "fp16"))
@@ -96,11 +145,11 @@ class RunConfig:
                                  choices=("fp32", "same"))
     device: str = option("cpu, cuda, cuda:1 ... (auto: cuda when available)", "auto")
     grad_checkpointing: bool = option("recompute each block in backward to save memory", False)
-    threads: int = option("CPU threads (0: torch's default)", 0)
+    threads: int = option("CPU threads (0: torch's default)", 0, valid=at_least(0, "0: torch's default"))
     # the prompt
     system_prompt: str = option("'full' (the four-step prompt), 'short', or a file", "full", "short")
-    max_user_history: int = option("user history entries shown (the paper: 10)", 10, 6)
-    max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6)
+    max_user_history: int = option("user history entries shown (the paper: 10)", 10, 6, valid=at_least(1))
+    max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6, valid=at_least(1))
     item_texts: str = option("show the target item's earlier reviews and summaries", "on", "off",
                              choices=("on", "off"))
     mark_shared: str = option("mark user-history entries that share a category with the target item (ours: the "
@@ -127,8 +176,54 @@ def _defaults_text(f: dataclasses.Field) -> str:
         (f" (default: {f.default})" if f.default not in (None, False) else "")
 
 
+# Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
+# writes. Any other change alters what the run computes, so it needs --resume-override.
+SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only",
+                  "resume", "resume_override")
+
+
+def saved_run(checkpoint: str) -> dict:
+    """trainer_state.json of a checkpoint written by train.py (its step and flags); one line on failure."""
+    f = Path(checkpoint) / "trainer_state.json"
+    try:
+        saved = json.loads(f.read_text())
+        return {"step": int(saved["step"]), "args": dict(saved["args"])}
+    except FileNotFoundError:
+        fail(f"--resume {checkpoint}: no trainer_state.json there (not a checkpoint written by train.py?)")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        fail(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is incomplete")
+
+
+def _resume_values(given: dict, defaults: dict) -> dict:
+    """--resume: every flag not given is the checkpoint's; a given flag that differs from it must be
+    safe to change (SAFE_ON_RESUME) or named in --resume-override."""
+    saved = saved_run(given["resume"])
+    allowed = set(SAFE_ON_RESUME)
+    for name in (given["resume_override"] or "").split(","):
+        name = name.strip().lstrip("-").replace("-", "_")
+        if name and name not in defaults:
+            fail(f"--resume-override: no flag --{name.replace('_', '-')}")
+        allowed.add(name)
+    values, changed = {}, []
+    for name, default in defaults.items():
+        value, old = given[name], saved["args"].get(name, default)
+        if value is None or value is False:
+            value = old
+        elif value != old and name not in allowed:
+            changed.append(f"--{name.replace('_', '-')} {value} (checkpoint: {old})")
+        values[name] = value
+    if changed:
+        fail(f"--resume {given['resume']}: flags differ from the run that wrote it: {', '.join(changed)}. "
+             "Start a new run, or name them in --resume-override to change them anyway")
+    if not values["eval_only"] and values["steps"] <= saved["step"]:
+        fail(f"--steps {values['steps']}: the checkpoint is already at step {saved['step']}, so there is "
+             "nothing to do; ask for more steps, or --eval-only to score it")
+    return values
+
+
 def parse_args(argv=None) -> RunConfig:
-    """Flags -> RunConfig, the paper's or the demo's default filled in for each flag not given."""
+    """Flags -> RunConfig: for each flag not given, the paper's or the demo's default, or with --resume
+    the checkpoint's."""
     p = argparse.ArgumentParser(description="RecZero / RecOne training: cold-start SFT, GRPO, evaluation.",
                                 epilog="Defaults shown as 'paper / demo': the first applies with --model, "
                                        "the second without.")
@@ -142,14 +237,15 @@ def parse_args(argv=None) -> RunConfig:
         p.add_argument(name, type=base, choices=f.metadata["choices"], default=None,
                        help=f.metadata["help"] + _defaults_text(f))
     given = vars(p.parse_args(argv))
-    demo = given["model"] is None
-    values = {}
-    for f in dataclasses.fields(RunConfig):
-        value = given[f.name]
-        if value is None or value is False:
-            value = f.metadata["demo"] if demo and f.metadata["demo"] is not _UNSET else f.default
-        values[f.name] = value
-    return RunConfig(**values)
+    if given["resume_override"] and not given["resume"]:
+        fail("--resume-override needs --resume")
+    demo = (given["model"] is None) if not given["resume"] else saved_run(given["resume"])["args"].get("model") is None
+    defaults = {f.name: f.metadata["demo"] if demo and f.metadata["demo"] is not _UNSET else f.default
+                for f in dataclasses.fields(RunConfig)}
+    if given["resume"]:
+        return RunConfig(**_resume_values(given, defaults))
+    return RunConfig(**{name: default if given[name] is None or given[name] is False else given[name]
+                        for name, default in defaults.items()})
 
 
 def fail(msg: str):
@@ -174,18 +270,27 @@ def check_args(cfg: RunConfig):
         fail(f"--model {cfg.model}: not a checkpoint directory (no config.json)")
     if cfg.prompts_per_step % max(int(os.environ.get("WORLD_SIZE", 1)), 1):
         fail("--prompts-per-step must be divisible by the number of ranks")
-    if cfg.temperature <= 0:
-        fail("--temperature must be > 0 for training rollouts (evaluation is always greedy)")
+    for f in dataclasses.fields(RunConfig):
+        valid, value = f.metadata["valid"], getattr(cfg, f.name)
+        if valid is not None and value not in valid:
+            why = f" ({valid.why})" if valid.why else ""
+            finite = "" if math.isfinite(value) else "a finite number "
+            fail(f"--{f.name.replace('_', '-')} {value}: must be {finite}{valid}{why}")
+    prompt_settings(cfg)  # the prompt flags too: a bad --history-fields or --system-prompt file
 
 
-def prompt_settings(cfg: RunConfig) -> tuple[PromptCaps, str]:
-    """The prompt caps and the system prompt the flags ask for."""
+def prompt_settings(cfg: RunConfig, scale: tuple[float, float] = RATING_SCALE) -> tuple[PromptCaps, str]:
+    """The prompt caps and the system prompt the flags ask for (the full one states the rating scale)."""
     caps = PromptCaps(max_user_history=cfg.max_user_history, max_item_history=cfg.max_item_history,
                       item_texts=cfg.item_texts == "on", mark_shared=cfg.mark_shared == "on")
     if cfg.history_fields:
+        known = PromptCaps.history_fields  # every field an item can show, in the prompt's order
         caps.history_fields = tuple(f.strip() for f in cfg.history_fields.split(","))
+        unknown = [f for f in caps.history_fields if f not in known]
+        if unknown:
+            fail(f"--history-fields: no field {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     if cfg.system_prompt in ("full", "short"):
-        return caps, SYSTEM_PROMPT if cfg.system_prompt == "full" else SHORT_SYSTEM_PROMPT
+        return caps, full_system_prompt(scale) if cfg.system_prompt == "full" else SHORT_SYSTEM_PROMPT
     if not Path(cfg.system_prompt).exists():
         fail(f"--system-prompt {cfg.system_prompt}: not 'full', 'short' or a file")
     return caps, Path(cfg.system_prompt).read_text()

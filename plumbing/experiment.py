@@ -4,15 +4,17 @@ traces, and the processes of a data-parallel run. train.py calls these; none of 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import Example, build_examples, split_by_time
-from model import ModelConfig, Transformer
+from data import Example, build_examples, count_duplicates, drop_duplicates, split_by_time
+from model import CheckpointError, ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_model
 from plumbing.cli import RunConfig, fail
@@ -36,6 +38,18 @@ class TaskData:
     test: list[Example]
     baselines: dict
     fallback: dict
+    scale: tuple[float, float]  # the data's rating scale: prompt text, reward, parsing and baselines use it
+    fingerprint: str = ""  # of every example's target and label: a resumed run checks it is on the same data
+
+
+def fingerprint(splits: dict[str, list[Example]]) -> str:
+    """A short hash of the examples of each split (user, item, time, rating): equal iff the same task."""
+    h = hashlib.sha256()
+    for name, examples in splits.items():
+        h.update(name.encode())
+        for e in examples:
+            h.update(f"{e.target.user_id}\t{e.target.item_id}\t{e.target.time}\t{e.label}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_task(cfg: RunConfig) -> TaskData:
@@ -44,9 +58,16 @@ def load_task(cfg: RunConfig) -> TaskData:
         data = load_ratings(cfg.data, cfg.data_format, cfg.meta, skip_bad_rows=cfg.skip_bad_rows)
         if data.skipped:
             print(f"skipped {data.skipped} bad rows in {cfg.data}")
+        if cfg.drop_duplicates:
+            if dropped := drop_duplicates(data):
+                print(f"{cfg.data}: dropped {dropped} duplicate (user, item, time) ratings")
+        elif duplicates := count_duplicates(data):
+            print(f"warning: {cfg.data}: {duplicates} ratings repeat the (user, item, time) of an earlier one; "
+                  "each copy counts as its own example and in every average (--drop-duplicates keeps the first)",
+                  file=sys.stderr)
     else:
         data = make_synthetic(SyntheticConfig(n_users=cfg.synthetic_users, seed=cfg.seed))
-    split = split_by_time(data, "user-last")
+    split = split_by_time(data, cfg.split)
     rng = np.random.default_rng(cfg.seed)
     # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
     ex = {name: build_examples(data, getattr(split, name), cfg.max_user_history, cfg.max_item_history)
@@ -56,11 +77,11 @@ def load_task(cfg: RunConfig) -> TaskData:
             ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), cfg.eval_size, replace=False))]
     if not ex["train"] or not ex["test"]:
         fail(f"{cfg.data or 'synthetic data'}: no usable examples after the history filter")
-    baselines = fit_baselines(split.train, seed=cfg.seed)
+    baselines = fit_baselines(split.train, seed=cfg.seed, scale=data.scale)
     fallback = {e.target.key: baselines["bias"].predict(e.target.user_id, e.target.item_id)
                 for e in ex["valid"] + ex["test"]}
     print(f"data: {len(data.ratings)} ratings, examples train/valid/test {len(ex['train'])}/{len(ex['valid'])}/{len(ex['test'])}")
-    return TaskData(ex["train"], ex["valid"], ex["test"], baselines, fallback)
+    return TaskData(ex["train"], ex["valid"], ex["test"], baselines, fallback, data.scale, fingerprint(ex))
 
 
 # -----------------------------------------------------------------------------
@@ -91,7 +112,8 @@ def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
 
 
 def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype, device, log) -> list[Trace]:
-    """RecOne's trace set: from --sft-traces, or written by the teacher for the first training examples."""
+    """RecOne's trace set: from --sft-traces, or written by the teacher for --cold-start-size training
+    examples drawn at random (seeded; all of them when there are fewer)."""
     if cfg.sft_traces:
         try:
             traces = load_traces(cfg.sft_traces, task.train)
@@ -102,10 +124,17 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
     if cfg.teacher == "heuristic":
         teacher = HeuristicTeacher(rationalise_rate=cfg.rationalise_rate, seed=cfg.seed)
     else:
-        tok = Tokenizer(cfg.teacher)
-        teacher = ModelTeacher(load_model(cfg.teacher, dtype, device), Prompter(tok, prompter.caps, prompter.system),
-                               cfg.max_new_tokens, seed=cfg.seed)
-    traces, stats = build_cold_start(teacher, task.train[:cfg.cold_start_size])
+        try:
+            tok, model = Tokenizer(cfg.teacher), load_model(cfg.teacher, dtype, device)
+            tok.check_fits(model.config.vocab_size, cfg.teacher)
+        except CheckpointError as e:
+            fail(f"--teacher: {e}")
+        teacher = ModelTeacher(model, Prompter(tok, prompter.caps, prompter.system), cfg.max_new_tokens, seed=cfg.seed)
+    asked = task.train
+    if cfg.cold_start_size < len(asked):  # seeded random: the head of the time-sorted list has the thinnest histories
+        rng = np.random.default_rng([cfg.seed, 7])
+        asked = [asked[i] for i in sorted(rng.choice(len(asked), cfg.cold_start_size, replace=False))]
+    traces, stats = build_cold_start(teacher, asked, task.scale)
     print(f"cold start: {stats}")
     if not traces:
         fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "

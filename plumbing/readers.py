@@ -206,10 +206,13 @@ def _ml_genres(movie_id: str, title: str, genres: str) -> Item:
 
 
 def _yelp_item(line: str) -> Item:
-    """Yelp business: name as title, comma-separated categories, price level (1-4) as price."""
+    """Yelp business: name as title, comma-separated categories. The price level (1-4) becomes the
+    description "Price level 2 of 4 ($$)": Item.price is money, and the prompt would show "Price: 2.00"."""
     obj = json.loads(line)
-    price = (obj.get("attributes") or {}).get("RestaurantsPriceRange2")
-    return _item(obj["business_id"], obj.get("name"), (obj.get("categories") or "").split(","), "", price)
+    level = _price((obj.get("attributes") or {}).get("RestaurantsPriceRange2"))
+    described = f"Price level {level:g} of 4 ({'$' * int(level)})" if level in (1, 2, 3, 4) else ""
+    return _item(obj["business_id"], obj.get("name"), (obj.get("categories") or "").split(","),
+                 description=described)
 
 
 def _csv_item(row: dict) -> Item | None:
@@ -260,12 +263,30 @@ _COLS = {
     "ml-20m": ("userId", "movieId", "rating", "timestamp", None, None),
 }
 _COLS["ml-100k"] = _COLS["ml-1m"] = ("user_id", "item_id", "rating", "timestamp", None, None)
+# What the formats without a standard directory read, for errors when --data names a directory.
+_FILE_KINDS = {
+    "amazon": "one reviews file (.json or .json.gz, one JSON object per line)",
+    "amazon2023": "one reviews file (.jsonl or .jsonl.gz, one JSON object per line)",
+    "csv": "one CSV file whose header has user_id,item_id,rating,timestamp",
+}
+
+
+def _expects(fmt: str) -> str:
+    """What --data must name for `fmt`, in words."""
+    if fmt not in _DIR_FILES:
+        return _FILE_KINDS[fmt]
+    ratings, meta = (" or ".join(names) for names in _DIR_FILES[fmt])
+    return f"a directory holding {ratings} (and {meta} for item details), or that ratings file itself"
 
 
 def _resolve(path: Path, meta_path: Path | None, fmt: str) -> tuple[Path, Path | None]:
     """The ratings and metadata files; directory formats look up their standard file names."""
     if not path.exists():
         raise DataFileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir() and fmt not in _DIR_FILES:  # open() would say only "[Errno 21] Is a directory"
+        raise DataError(f"{path}: a directory, but --data-format {fmt} reads {_expects(fmt)}")
+    if meta_path is not None and meta_path.is_dir():
+        raise DataError(f"{meta_path}: a directory, but --meta expects one metadata file")
     if fmt in _DIR_FILES:
         folder = path if path.is_dir() else path.parent
         ratings_names, meta_names = _DIR_FILES[fmt]
@@ -293,10 +314,17 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
     path, meta = _resolve(Path(path), Path(meta_path) if meta_path else None, fmt)
     scale = (float(scale[0]), float(scale[1])) if scale else ((0.5, 5.0) if fmt == "ml-20m" else (1.0, 5.0))
     cols, lines = _COLS[fmt], _Lines(path)
+    # A directory format given some other file: if its first row cannot be read, the file is probably
+    # not of this format at all, so say what the format expects.
+    hint = (f" (--data-format {fmt} reads {_expects(fmt)})"
+            if fmt in _DIR_FILES and path.name not in _DIR_FILES[fmt][0] else "")
     items: dict[str, Item] = {}
     records: Iterable = lines
     if fmt in ("csv", "ml-20m"):
-        records, as_dict = _csv(lines, cols[:4])
+        try:
+            records, as_dict = _csv(lines, cols[:4])
+        except DataError as e:
+            raise DataError(f"{e}{hint}") from None
 
         def parse(row: list[str]) -> Rating:
             rating = _rating_from(as_dict(row), cols, scale)
@@ -321,7 +349,7 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
             elif skip_bad_rows:
                 skipped += 1
             else:
-                raise DataError(f"{path.name} line {lines.no}: {result}")
+                raise DataError(f"{path.name} line {lines.no}: {result}" + ("" if ratings else hint))
     except (csv.Error, EOFError, gzip.BadGzipFile) as e:  # broken quoting, a truncated .gz
         raise DataError(f"{path.name} line {lines.no}: unreadable ({e})") from None
     ratings.sort(key=lambda r: r.time)  # stable, so ties keep file order

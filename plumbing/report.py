@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import RATING_SCALE
 from grpo import RolloutBatch
 from model import SamplingConfig, generate
 from reczero import RatingMetrics, Reward, parse_output, rating_metrics
@@ -23,7 +24,7 @@ from reczero import RatingMetrics, Reward, parse_output, rating_metrics
 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
-             fidelity=None) -> RatingMetrics:
+             fidelity=None, scale: tuple[float, float] = RATING_SCALE) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
     fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
     (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's."""
@@ -35,7 +36,7 @@ def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int
                        SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
         texts += [tok.decode(c) for c in gen.completions()]
     fallbacks = [fallback[e.target.key] for e in examples]
-    metrics = rating_metrics([parse_output(t).rating for t in texts], [e.label for e in examples], fallbacks)
+    metrics = rating_metrics([parse_output(t, scale).rating for t in texts], [e.label for e in examples], fallbacks)
     if fidelity is not None:
         metrics.fidelity = asdict(fidelity(examples, texts))
     return metrics
@@ -69,7 +70,8 @@ def rollout_metrics(rewards: list[Reward], truths: list[float], batch: RolloutBa
 class RunLog:
     """metrics.jsonl (one JSON object per line, flushed at once) and samples.txt, rank 0 only.
 
-    Resuming at step k keeps the records up to step k and drops any written after the checkpoint."""
+    Resuming at step k keeps the records up to step k and drops any written after the checkpoint, the
+    baselines (the resumed run logs them again) and a partial line left by a killed run."""
 
     def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
@@ -77,7 +79,13 @@ class RunLog:
             out.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_step is not None and (out / "metrics.jsonl").exists():
-                kept = [line for line in open(out / "metrics.jsonl") if json.loads(line).get("step", 0) <= resume_step]
+                for line in open(out / "metrics.jsonl"):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # cut off by a kill mid-write
+                        continue
+                    if record.get("step", 0) <= resume_step and record.get("stage") != "baseline":
+                        kept.append(line if line.endswith("\n") else line + "\n")
             self.metrics = open(out / "metrics.jsonl", "w")
             self.metrics.writelines(kept)
             self.samples = open(out / "samples.txt", "a" if resume_step is not None else "w")
@@ -104,6 +112,9 @@ class RunLog:
 FIDELITY_FIELDS = ("category", "taste", "reception", "rating", "consistent")
 
 
+MOSTLY_PARSABLE = 0.5  # a row whose outputs parse less often than this is labelled in words
+
+
 def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
     """A markdown table of RatingMetrics; with fidelity columns when any row has them."""
     with_fidelity = any(m.fidelity for _, m in rows)
@@ -111,6 +122,9 @@ def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
     out = [head + (" agrees: category | taste | reception | rating | consistent |" if with_fidelity else ""),
            "|---" * (7 + 5 * with_fidelity) + "|"]
     for name, m in rows:
+        if m.valid_rate < MOSTLY_PARSABLE:  # its MAE is mostly the fallback's: say so, never show it as a gain
+            name += (f" (mostly unparsable: {m.valid_rate:.0%} format valid, so the MAE is mostly the bias "
+                     "baseline's fallback, not this model's)")
         row = (f"| {name} | {m.mae:.3f} | {m.rmse:.3f} | {m.valid_rate:.0%} | {m.mae_valid:.3f} | "
                f"{m.pred_std:.2f} ({m.true_std:.2f}) | {m.distinct} |")
         if with_fidelity:

@@ -12,16 +12,28 @@ teacher through ModelTeacher, and any file of traces can be read with load_trace
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import Example
+from data import RATING_SCALE, Example
 from model import SamplingConfig, generate
-from reczero import (ITEM_CLOSE, ITEM_OPEN, MATCH_CLOSE, MATCH_OPEN, RATE_CLOSE, RATE_OPEN, USER_CLOSE, USER_OPEN,
-                     Prompter, parse_output)
+from reczero import (
+    ITEM_CLOSE,
+    ITEM_OPEN,
+    MATCH_CLOSE,
+    MATCH_OPEN,
+    RATE_CLOSE,
+    RATE_OPEN,
+    USER_CLOSE,
+    USER_OPEN,
+    Prompter,
+    parse_output,
+)
 
 
 @dataclass
@@ -215,28 +227,56 @@ class TraceStats:
     aligned: int  # the teacher's own rating equalled the truth
     rationalised: int  # wrong at first, right when told the truth
     dropped: int
+    quoted_hint: int = 0  # of the dropped: rationalised traces that cite the truth they were told
 
 
-def build_cold_start(teacher, examples: list[Example]) -> tuple[list[Trace], TraceStats]:
+# A rationalised trace that says it was told the answer ("the actual rating was 4") teaches the student
+# to cite a hint its own prompt never contains: such traces are dropped.
+_HINT_QUOTE = re.compile(r"\b(?:actual|true|real|given|correct) rating\b|\breason(?:ing)? towards\b|\bhint\b", re.I)
+
+
+def quotes_hint(text: str) -> bool:
+    """Whether a trace refers to the true rating it was asked to rationalise (reczero.HINT)."""
+    return _HINT_QUOTE.search(text) is not None
+
+
+def build_cold_start(teacher, examples: list[Example], scale: tuple[float, float] = RATING_SCALE
+                     ) -> tuple[list[Trace], TraceStats]:
     """RecOne's trace set: D_align (own rating == truth) plus D_misalign (re-asked with the truth, kept
-    only if the new trace ends at the truth). `teacher.write(examples, hints)` returns one text each."""
+    only if the new trace ends at the truth without citing it: see quotes_hint).
+    `teacher.write(examples, hints)` returns one text each."""
     first = teacher.write(examples)
     traces, wrong = [], []
     for ex, text in zip(examples, first):
-        parsed = parse_output(text)
+        parsed = parse_output(text, scale)
         if parsed.valid and parsed.rating == ex.label:
             traces.append(Trace(ex, text, False))
         else:
             wrong.append(ex)
     aligned = len(traces)
     second = teacher.write(wrong, [ex.label for ex in wrong]) if wrong else []
+    quoted = 0
     for ex, text in zip(wrong, second):
-        parsed = parse_output(text)
+        parsed = parse_output(text, scale)
         if parsed.valid and parsed.rating == ex.label:
-            traces.append(Trace(ex, text, True))
+            if quotes_hint(text):
+                quoted += 1
+            else:
+                traces.append(Trace(ex, text, True))
     order = {id(ex): k for k, ex in enumerate(examples)}
     traces.sort(key=lambda t: order[id(t.example)])  # keep the input order, so the set is deterministic
-    return traces, TraceStats(len(examples), aligned, len(traces) - aligned, len(examples) - len(traces))
+    return traces, TraceStats(len(examples), aligned, len(traces) - aligned, len(examples) - len(traces), quoted)
+
+
+def save_traces(traces: list[Trace], path: Path) -> None:
+    """Write traces as the JSONL lines load_traces (and --sft-traces) reads, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in traces:
+            r = t.example.target
+            f.write(json.dumps({"user_id": r.user_id, "item_id": r.item_id, "time": r.time, "text": t.text}) + "\n")
+    os.replace(tmp, path)
 
 
 def load_traces(path, train: list[Example]) -> list[Trace]:

@@ -47,12 +47,19 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         stops = gen.get("eos_token_id", [])
         stops = set(stops if isinstance(stops, list) else [stops])
-        for t in (self.eos_token, "<|im_end|>" if self.chat_format == "chatml" else "<|eot_id|>"):
+        turn_end = "<|im_end|>" if self.chat_format == "chatml" else "<|eot_id|>"
+        for t in (self.eos_token, turn_end):
             if t and self.tok.token_to_id(t) is not None:
                 stops.add(self.tok.token_to_id(t))
         if not stops:
             raise CheckpointError(f"{path}: no eos token in tokenizer_config.json or generation_config.json")
         self.stop_ids = tuple(sorted(stops))
+        # The token that closes an assistant turn in the chat format: what SFT teaches the model to end
+        # a trace with. Not min(stop_ids): Qwen2.5 stops on [<|im_end|>, <|endoftext|>] and Llama 3 on
+        # [<|end_of_text|>, <|eot_id|>], but their chat templates close a turn with <|im_end|> / <|eot_id|>.
+        turn_end_id = self.tok.token_to_id(turn_end)
+        eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.turn_end_id = next(i for i in (turn_end_id, eos_id, self.stop_ids[0]) if i is not None)
         pad = _token_text(cfg.get("pad_token"))
         self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None \
             else self.stop_ids[0]
@@ -60,6 +67,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    def check_fits(self, embedding_rows: int, path) -> None:
+        """Refuse a tokenizer whose ids reach past the model's embedding (an IndexError at the first
+        forward pass otherwise). Fewer tokens than rows is normal: vocabularies are padded."""
+        if self.vocab_size > embedding_rows:
+            raise CheckpointError(f"{path}: the tokenizer has {self.vocab_size} tokens but the model's embedding "
+                                  f"only {embedding_rows} rows (config.json vocab_size): a tokenizer from another "
+                                  "model?")
 
     def encode(self, text: str) -> list[int]:
         # special tokens are written into the text by the chat format, so none are added here

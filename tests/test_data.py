@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import Item, Rating, RatingData, build_examples, split_by_time
+from data import Example, Item, Rating, RatingData, build_examples, split_by_time
 from plumbing.readers import FORMATS, DataError, DataFileNotFoundError, load_ratings
+from reczero import render_user_message
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -121,8 +122,25 @@ def test_yelp_directory(tmp_path):
         {"business_id": "C", "name": "Shop", "categories": None, "attributes": None}]))
     data = load_ratings(tmp_path, "yelp")
     assert data.ratings == [Rating("U", "B", 4.0, 1531001351, review="Yum")]
-    assert data.items["B"] == Item("B", "Cafe", ("Coffee & Tea", "Bakeries"), "", 2.0)
+    assert data.items["B"] == Item("B", "Cafe", ("Coffee & Tea", "Bakeries"), description="Price level 2 of 4 ($$)")
     assert data.items["C"] == Item("C", "Shop")
+
+
+def test_yelp_price_level_is_shown_as_a_level_and_amazon_price_as_money(tmp_path):
+    """Yelp's price level 2 reads "Price level 2 of 4 ($$)" in the prompt, not "Price: 2.00" (two dollars);
+    an Amazon price stays an amount of money."""
+    write(tmp_path / "review.json", jsonl([{"user_id": "U", "business_id": "B", "stars": 4, "date": "2018-07-07"}]))
+    write(tmp_path / "business.json", jsonl([{"business_id": "B", "name": "Cafe", "categories": "Bakeries",
+                                              "attributes": {"RestaurantsPriceRange2": "2"}}]))
+    cafe = load_ratings(tmp_path, "yelp").items["B"]
+    write(tmp_path / "r.json", jsonl([{"reviewerID": "U", "asin": "A", "overall": 5, "unixReviewTime": 1}]))
+    write(tmp_path / "m.json", jsonl([{"asin": "A", "title": "Abbey Road", "price": "$12.99"}]))
+    album = load_ratings(tmp_path / "r.json", "amazon", tmp_path / "m.json").items["A"]
+    for target, seen in ((cafe, album), (album, cafe)):  # each as the target and in the user's history
+        message = render_user_message(Example(Rating("U", target.item_id, 4.0, 9), target,
+                                              [(Rating("U", seen.item_id, 5.0, 1), seen)], [], 5.0, 4.0))
+        assert message.count("Price level 2 of 4 ($$)") == 1 and "Price: 2.00" not in message
+        assert message.count("Price: 12.99") == 1
 
 
 def test_generic_csv_iso_dates_and_item_columns(tmp_path):
@@ -215,6 +233,36 @@ def test_missing_files(tmp_path):
     with pytest.raises(ValueError, match="unknown format"):
         load_ratings(tmp_path / "r.json", "netflix")
     assert "amazon2023" in FORMATS
+
+
+def test_directory_for_a_file_format(tmp_path):
+    """A directory where the format reads one file (e.g. a MovieLens folder as amazon) is a DataError
+    naming the directory and what the format reads, not "[Errno 21] Is a directory"."""
+    write(tmp_path / "u.data", "1\t10\t4\t881250949\n")
+    for fmt, wants in (("amazon", ".json or .json.gz"), ("amazon2023", ".jsonl"), ("csv", "user_id,item_id")):
+        with pytest.raises(DataError) as err:
+            load_ratings(tmp_path, fmt)
+        assert str(err.value).startswith(f"{tmp_path}: a directory, but --data-format {fmt} reads one ")
+        assert wants in str(err.value)
+    with pytest.raises(DataError, match=r"a directory, but --meta expects one metadata file"):
+        load_ratings(write(tmp_path / "r.json", ""), "amazon", meta_path=tmp_path)
+
+
+def test_other_file_for_a_directory_format(tmp_path):
+    """A file that is not the format's ratings file (Amazon reviews as ml-1m, say) fails on line 1 with
+    what the format reads: its directory and the standard file names in it."""
+    reviews = write(tmp_path / "r.json", jsonl([{"reviewerID": "U", "asin": "A", "overall": 5, "unixReviewTime": 1}]))
+    for fmt, names in (("ml-100k", "u.data (and u.item"), ("ml-1m", "ratings.dat (and movies.dat"),
+                       ("ml-20m", "ratings.csv (and movies.csv"),
+                       ("yelp", "yelp_academic_dataset_review.json or review.json (and")):
+        with pytest.raises(DataError) as err:
+            load_ratings(reviews, fmt)
+        assert str(err.value).startswith("r.json line 1: ")
+        assert f"(--data-format {fmt} reads a directory holding {names}" in str(err.value)
+    # the format's own ratings file with a bad first row gets no such hint: its format is right
+    with pytest.raises(DataError) as err:
+        load_ratings(write(tmp_path / "u.data", "1\t2\t3\n"), "ml-100k")
+    assert "reads a directory" not in str(err.value)
 
 
 # ---------------------------------------------------------------- splits

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 import time
 
 import pytest
@@ -345,6 +346,24 @@ def test_nonfinite_loss_does_not_step():
     assert m["skipped"] == 1.0
     assert all(torch.equal(b, p) for b, p in zip(before, policy.parameters()))
     assert all(p.grad is None for p in policy.parameters())
+    assert m["weights_finite"] == 1.0  # nothing was applied
+
+
+def test_an_update_that_overflows_the_weights_is_reported():
+    """A finite, clipped gradient times a huge step overflows fp32: the step reports weights_finite = 0
+    (the loss and gradient norm were finite, so only the weights show it)."""
+    class Overflowing(torch.optim.SGD):  # an update too large for fp32, as --lr 1e30 can give
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad * 1e30 * 1e30)
+
+    policy, batch = MockPolicy(), make_batch()
+    m = grpo_update(policy, Overflowing(policy.parameters(), lr=1.0), batch, GRPOConfig())
+    assert m["skipped"] == 0.0 and math.isfinite(m["grad_norm"]) and m["weights_finite"] == 0.0
+    sane = grpo_update(policy := MockPolicy(), torch.optim.SGD(policy.parameters(), lr=1e-2), make_batch(),
+                       GRPOConfig())
+    assert sane["weights_finite"] == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -442,7 +461,13 @@ def _dp_worker(rank, world, init_file, batch, result):
             # a plain list, not a tensor: a tensor travels as a shared-memory handle that dies with this process
             result.put(torch.cat([p.detach().flatten() for p in policy.parameters()]).tolist())
     finally:
+        dist.barrier()
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can abort ("terminate called without an
+    # active exception", exit -6) while C++ statics are destroyed, after the work is done and checked.
+    result.close()
+    result.join_thread()
+    os._exit(0)
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -462,5 +487,5 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     got = torch.tensor(result.get(timeout=120))
     for p in procs:
         p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

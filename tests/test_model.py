@@ -19,7 +19,7 @@ from tiny_models import GREEDY, PROMPTS, VOCAB, randomise, tiny_model
 
 import model as model_module
 from model import CheckpointError, ModelConfig, Transformer, generate, right_pad
-from plumbing.checkpoints import load_config, load_model, save_model
+from plumbing.checkpoints import TrainerState, load_config, load_model, load_optimizer, save_checkpoint, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,6 +211,13 @@ def _edit_tensors(path: Path, drop=(), add=None):
     save_file({**state, **(add or {})}, path / "model.safetensors")
 
 
+def _truncate(file: Path, keep: int | None = None) -> Path:
+    """Cut `file` to `keep` bytes (default half), as an interrupted download leaves it."""
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2 if keep is None else keep])
+    return file
+
+
 def _write_pickle(path: Path):
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(b"\x80\x04 not a real pickle, and never opened")
@@ -233,6 +240,11 @@ BAD_CHECKPOINTS = {
     "rope type": (lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0}), ["yarn"]),
     "sliding window": (lambda p: _edit_config(p, use_sliding_window=True), ["sliding"]),
     "pickle weights": (_write_pickle, ["pytorch_model.bin", "safetensors", "pickle"]),
+    # an interrupted download: cut inside the tensor data, and inside the 8-byte header length
+    "truncated weights": (lambda p: _truncate(p / "model.safetensors"),
+                          ["model.safetensors: incomplete or corrupt safetensors file", "interrupted download"]),
+    "truncated header": (lambda p: _truncate(p / "model.safetensors", keep=4),
+                         ["model.safetensors: incomplete or corrupt safetensors file", "header"]),
 }
 
 
@@ -256,6 +268,21 @@ def test_bad_checkpoint_raises_checkpoint_error_naming_the_problem(case, tmp_pat
     assert str(path) in message
     for word in words:
         assert word in message, f"{case}: {word!r} not in {message!r}"
+
+
+def test_truncated_optimizer_state_raises_checkpoint_error(tmp_path):
+    """A training checkpoint whose optimizer.safetensors was cut short is a one-line CheckpointError naming it."""
+    model = tiny_model(std=None)
+    opt = torch.optim.AdamW(model.parameters())
+    model.logits(model(torch.tensor([PROMPTS[2]]))).sum().backward()
+    opt.step()  # AdamW has moments to save only after a step
+    save_checkpoint(tmp_path / "ckpt", model, None, opt, TrainerState(), {})
+    load_optimizer(tmp_path / "ckpt", torch.optim.AdamW(model.parameters()))  # whole, it loads
+    file = _truncate(tmp_path / "ckpt" / "optimizer.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_optimizer(tmp_path / "ckpt", torch.optim.AdamW(model.parameters()))
+    message = str(err.value)
+    assert message.startswith(f"{file}: incomplete or corrupt safetensors file") and "\n" not in message
 
 
 def test_bf16_round_trip_keeps_dtype_and_values(tmp_path):

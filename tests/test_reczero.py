@@ -11,16 +11,17 @@ from hypothesis import strategies as st
 
 from data import Example, Item, Rating
 from reczero import (
-    REWARD_PRESETS,
     SHARED_MARK,
     SYSTEM_PROMPT,
     PromptCaps,
     RewardConfig,
     build_messages,
     compute_reward,
+    full_system_prompt,
     parse_output,
     rating_metrics,
     render_user_message,
+    reward_config,
 )
 
 
@@ -128,7 +129,7 @@ def test_parse_output_reason(text, reason):
 )
 def test_compute_reward_worked_values(preset, pred, truth, expected):
     """Hand-computed rewards for valid outputs under both presets."""
-    r = compute_reward(wrap(pred), truth, REWARD_PRESETS[preset])
+    r = compute_reward(wrap(pred), truth, reward_config(preset))
     assert r.valid and r.rating == float(pred)
     assert r.total == pytest.approx(expected)
     assert r.total == pytest.approx(r.format + r.answer)
@@ -137,13 +138,31 @@ def test_compute_reward_worked_values(preset, pred, truth, expected):
 @pytest.mark.parametrize("preset,expected", [("paper", -0.5), ("code", -1.0)])
 def test_compute_reward_invalid(preset, expected):
     """A malformed output gets -a with no answer reward."""
-    r = compute_reward(wrap("five"), 4, REWARD_PRESETS[preset])
+    r = compute_reward(wrap("five"), 4, reward_config(preset))
     assert (r.total, r.format, r.answer, r.valid, r.rating) == (expected, expected, 0.0, False, None)
 
 
 def test_default_reward_is_paper():
     """The default RewardConfig is the paper preset."""
-    assert RewardConfig() == REWARD_PRESETS["paper"]
+    assert RewardConfig() == reward_config("paper")
+
+
+def test_half_star_scale_through_parse_reward_and_prompt():
+    """MovieLens 20M rates 0.5-5: <rate>0.5</rate> is a valid rating there (not on 1-5), the paper's
+    reward spans the scale (max error 4.5: 1 - |0.5 - 5| / 4.5 = 0), and the prompt states the scale."""
+    half = (0.5, 5.0)
+    assert not parse_output(wrap("0.5")).valid
+    assert parse_output(wrap("0.5"), half).rating == 0.5
+    assert parse_output(wrap("0.4"), half).reason == "rate '0.4' is not a number in [0.5, 5]"
+    cfg = reward_config("paper", half)
+    assert (cfg.format_reward, cfg.max_error, cfg.scale) == (0.5, 4.5, half)
+    assert compute_reward(wrap("0.5"), 0.5, cfg).total == pytest.approx(1.5)
+    assert compute_reward(wrap("0.5"), 5.0, cfg).total == pytest.approx(0.5)  # the worst valid answer: 1 - 4.5/4.5
+    assert compute_reward(wrap("3"), 2.0, reward_config("code", half)).total == pytest.approx(1.0 + 0.5)
+    assert "a number from 0.5 to 5 " in full_system_prompt(half)
+    assert "a number from 1 to 5 " in SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="unknown reward preset 'exact'"):
+        reward_config("exact")
 
 
 def assert_in_range(r, cfg):
@@ -166,7 +185,7 @@ rate_strings = st.one_of(
 @given(text=st.text(max_size=300), truth=st.integers(1, 5), preset=st.sampled_from(["paper", "code"]))
 def test_reward_range_arbitrary_text(text, truth, preset):
     """compute_reward never raises and stays in the documented range on arbitrary text."""
-    assert_in_range(compute_reward(text, truth, REWARD_PRESETS[preset]), REWARD_PRESETS[preset])
+    assert_in_range(compute_reward(text, truth, reward_config(preset)), reward_config(preset))
 
 
 @settings(max_examples=300, deadline=None)
@@ -174,8 +193,8 @@ def test_reward_range_arbitrary_text(text, truth, preset):
        post=st.sampled_from(["", "\n", "<rate>", "</match>", " done"]))
 def test_reward_range_near_valid(rate, truth, preset, post):
     """On near-valid outputs with random rate strings the reward is in range and valid iff a plain number in [1, 5]."""
-    r = compute_reward(wrap(rate, post=post), truth, REWARD_PRESETS[preset])
-    assert_in_range(r, REWARD_PRESETS[preset])
+    r = compute_reward(wrap(rate, post=post), truth, reward_config(preset))
+    assert_in_range(r, reward_config(preset))
     if r.valid:
         assert 1 <= r.rating <= 5 and post in ("", "\n", " done")
 

@@ -72,3 +72,27 @@ def test_results_table_rows():
     m = rating_metrics([4.0, None], [5.0, 3.0], [3.5, 3.5])
     table = results_table([("LLM", m)])
     assert "| LLM | 0.750 | " in table and "| 50% |" in table
+
+
+def test_a_mostly_unparsable_row_says_so_in_words():
+    """Outputs that mostly fail to parse are scored with the fallback, which can beat the model they
+    replace: the row says so, so it is never read as an improvement."""
+    truths, fallback = [1.0, 2.0, 4.0, 5.0], [1.5, 2.5, 3.5, 4.5]
+    broken = rating_metrics([None, None, None, 5.0], truths, fallback)
+    fine = rating_metrics([1.0, 3.0, 4.0, None], truths, fallback)
+    table = results_table([("LLM after cold start", fine), ("LLM after GRPO", broken)])
+    assert "| LLM after GRPO (mostly unparsable: 25% format valid" in table
+    assert "| LLM after cold start |" in table
+
+
+def test_resumed_log_survives_a_partial_line_and_keeps_one_copy_of_the_baselines(tmp_path):
+    """A kill mid-write leaves half a line: resuming drops it (and records after the checkpoint's
+    step, and the baselines the resumed run writes again) instead of failing."""
+    lines = [{"stage": "baseline", "name": "MF", "mae": 0.7}, {"stage": "grpo", "step": 1, "loss": 0.1},
+             {"stage": "grpo", "step": 2, "loss": 0.2}, {"stage": "grpo", "step": 3, "loss": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"stage": "gr')
+    log = RunLog(tmp_path, enabled=True, resume_step=2)
+    log({"stage": "baseline", "name": "MF", "mae": 0.7})
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r.get("step") for r in records] == [1, 2, None]
+    assert sum(r["stage"] == "baseline" for r in records) == 1

@@ -19,6 +19,7 @@ from plumbing.teachers import (
     TraceFidelity,
     build_cold_start,
     history_evidence,
+    quotes_hint,
     read_judgement,
 )
 from plumbing.tokenizer import train_bpe
@@ -88,6 +89,40 @@ def test_cold_start_keeps_only_traces_ending_at_truth(world):
     assert len(traces) == stats.aligned + stats.rationalised
     assert stats.rationalised > 0 and stats.dropped > 0  # the teacher is imperfect on purpose
     assert all(parse_output(t.text).rating == t.example.label for t in traces)
+
+
+def test_rationalised_traces_that_cite_the_hint_are_dropped(world):
+    """A teacher told the truth may write "the actual rating was 4": the student never sees that hint
+    in its prompt, so such a trace is dropped (and counted); one that ends at the truth silently is kept."""
+    _, _, test = world
+
+    class Citing:  # wrong at first; when told the truth, every other trace cites it
+        def write(self, examples, hints=None):
+            if hints is None:
+                return ["no rating" for _ in examples]
+            return [f"<analyze user>u</analyze user><analyze item>i</analyze item><match>"
+                    f"{'given the actual rating, a fit' if k % 2 else 'a fit'}</match><rate>{h:g}</rate>"
+                    for k, h in enumerate(hints)]
+
+    traces, stats = build_cold_start(Citing(), test[:10])
+    assert (stats.aligned, stats.rationalised, stats.dropped, stats.quoted_hint) == (0, 5, 5, 5)
+    assert not any(quotes_hint(t.text) for t in traces)
+    assert quotes_hint("The TRUE rating is 3") and quotes_hint("Reasoning towards 4") and not quotes_hint("rated 4")
+
+
+def test_cold_start_asks_a_seeded_random_sample_of_training_examples():
+    """--cold-start-size N < the training examples: N drawn at random over the whole (time-sorted) list,
+    not its oldest N; the same seed asks the same examples."""
+    from plumbing.cli import parse_args
+    from plumbing.experiment import cold_start_traces, load_task
+
+    cfg = parse_args(["--synthetic-users", "150", "--cold-start-size", "30", "--rationalise-rate", "0"])
+    task = load_task(cfg)
+    position = {id(e): k for k, e in enumerate(task.train)}
+    asked = [position[id(t.example)] for t in cold_start_traces(cfg, task, None, None, "cpu", lambda r: None)]
+    assert asked and max(asked) > 3 * 30  # reaches far past the oldest 30
+    again = [position[id(t.example)] for t in cold_start_traces(cfg, task, None, None, "cpu", lambda r: None)]
+    assert asked == again
 
 
 def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):

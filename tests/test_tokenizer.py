@@ -68,6 +68,36 @@ def test_llama3_chat_format_matches_its_template(tmp_path):
     assert text == render(LLAMA3_TEMPLATE, messages, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     assert {hf.token_to_id("<|eot_id|>"), hf.token_to_id("<|end_of_text|>")} <= set(tok.stop_ids)
     assert tok.encode(text).count(hf.token_to_id("<|start_header_id|>")) == 3
+    # the template closes a turn with <|eot_id|>, though <|end_of_text|> has the smaller id
+    assert tok.stop_ids[0] == hf.token_to_id("<|end_of_text|>") and tok.turn_end_id == hf.token_to_id("<|eot_id|>")
+
+
+def test_qwen_style_turn_end_is_im_end_not_the_smallest_stop_id(tmp_path):
+    """Qwen2.5 stops on [<|im_end|>, <|endoftext|>] with <|endoftext|> first in id order: SFT must end a
+    trace with <|im_end|>, the token its chat template closes every turn with."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from data import Example, Item, Rating
+    from plumbing.teachers import Trace
+    from reczero import Prompter
+    from train import sft_row
+
+    words = ["[UNK]", "The", "user", "likes", "Drama", ".", "system", "assistant"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    end_of_text, im_end = hf.token_to_id("<|endoftext|>"), hf.token_to_id("<|im_end|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{{ '<|im_start|>' }}", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, end_of_text]}))
+
+    tok = Tokenizer(tmp_path)
+    assert tok.stop_ids == (end_of_text, im_end) and tok.turn_end_id == im_end
+    example = Example(Rating("u", "i", 4.0, 10), Item("i"), [], [], 3.0, 3.0)
+    _, completion = sft_row(Prompter(tok), Trace(example, "The user likes Drama .", rationalised=False))
+    assert completion[-1] == im_end and completion[:-1] == tok.encode("The user likes Drama .")
 
 
 def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path):

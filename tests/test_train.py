@@ -149,3 +149,268 @@ def test_checkpoint_as_teacher(tiny_run, tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "none of the 24 teacher traces ended at the true rating" in err
+
+
+def test_half_star_data_sets_the_scale_of_prompt_reward_and_baselines(tmp_path):
+    """A 0.5-5 dataset (MovieLens 20M) carries its scale to the baselines (a user who rates 0.5 is
+    predicted below 1, not clipped to 1), the full system prompt and the reward."""
+    from plumbing.cli import parse_args, prompt_settings
+    from plumbing.experiment import load_task
+    from reczero import compute_reward, reward_config
+
+    rows, t = ["userId,movieId,rating,timestamp"], 0
+    for user in range(1, 21):
+        for item in range(1, 13):
+            t += 1
+            rating = 0.5 if user == 1 or item == 1 else 0.5 * (1 + (user * 7 + item * 3) % 10)
+            rows.append(f"{user},{item},{rating},{t}")
+    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    cfg = parse_args(["--data", str(tmp_path / "ratings.csv"), "--data-format", "ml-20m", "--model", str(tmp_path),
+                      "--system-prompt", "full"])
+    task = load_task(cfg)
+    assert task.scale == (0.5, 5.0)
+    assert task.baselines["bias"].predict("1", "1") < 0.9
+    _, system = prompt_settings(cfg, task.scale)
+    assert "a number from 0.5 to 5 " in system
+    ok = "<analyze user>a</analyze user><analyze item>b</analyze item><match>c</match><rate>0.5</rate>"
+    assert compute_reward(ok, 0.5, reward_config(cfg.reward, task.scale)).total == 1.5
+
+
+def test_split_flag_reaches_the_data():
+    """--split global cuts all ratings at one time (every test target after every training target);
+    the default user-last does not."""
+    from plumbing.cli import parse_args
+    from plumbing.experiment import load_task
+
+    def times(task, name):
+        return [e.target.time for e in getattr(task, name)]
+
+    cut = load_task(parse_args(["--synthetic-users", "150", "--split", "global"]))
+    assert min(times(cut, "test")) >= max(times(cut, "valid"))
+    assert min(times(cut, "valid")) >= max(times(cut, "train"))
+    per_user = load_task(parse_args(["--synthetic-users", "150"]))
+    assert min(times(per_user, "test")) < max(times(per_user, "train"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "-1"], "--steps -1: must be >= 0"),
+    (["--samples", "0"], "--samples 0: must be >= 2"),
+    (["--samples", "1"], "--samples 1: must be >= 2 (GRPO compares"),
+    (["--prompts-per-step", "0"], "--prompts-per-step 0: must be >= 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+    (["--beta", "-1"], "--beta -1.0: must be >= 0"),
+    (["--clip-low", "2"], "--clip-low 2.0: must be in [0, 1)"),
+    (["--threads", "-3"], "--threads -3: must be >= 0"),
+    (["--eval-size", "0"], "--eval-size 0: must be >= 1"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be a finite number > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be > 0"),
+    (["--temperature", "0"], "--temperature 0.0: must be > 0 (for training rollouts"),
+    (["--rationalise-rate", "1.5"], "--rationalise-rate 1.5: must be in [0, 1]"),
+])
+def test_flags_that_make_no_sense_stop_before_any_work(args, message, capsys):
+    """Every numeric flag is checked against its range at once: one line, exit code 2."""
+    from plumbing.cli import check_args, parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        check_args(parse_args(args))
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_numeric_flag_declares_its_range():
+    """A new numeric flag cannot skip the checks: each int or float field of RunConfig has a Range."""
+    import dataclasses
+    import typing
+
+    from plumbing.cli import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    unchecked = [f.name for f in dataclasses.fields(RunConfig)
+                 if hints[f.name] in (int, float) and f.metadata["valid"] is None]
+    assert not unchecked
+
+
+def test_rl_that_cannot_start_says_so(tmp_path, capsys):
+    """RecZero on the demo's random weights: warned before any work, the progress bar shows no signal,
+    and after NO_SIGNAL_STEPS flat steps without a formatted completion one warning says why."""
+    out = tmp_path / "zero"
+    train.main(TINY + ["--mode", "reczero", "--steps", str(train.NO_SIGNAL_STEPS + 1), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "--mode reczero on the embedded demo" in err.split("\n")[0]
+    assert "signal=none" in err
+    assert err.count(f"warning: {train.NO_SIGNAL_STEPS} steps without a single completion") == 1
+    steps = metrics(out)
+    assert all(r["frac_reward_zero_std"] == 1.0 and r["format_valid"] == 0 for r in steps.values())
+    assert (out / "start" / "model.safetensors").exists()  # the KL reference (--beta 0.3) of random weights
+
+
+def test_a_run_whose_steps_keep_failing_stops_without_saving(tmp_path, monkeypatch, capsys):
+    """From step 2 every update is non-finite (as after --lr 1e30): the run stops after MAX_BAD_STEPS of
+    them with exit code 3, and the checkpoint on disk stays the last good one (step 1)."""
+    real = grpo.grpo_update
+
+    def failing(policy, opt, batch, cfg, *rest):
+        metrics = real(policy, opt, batch, cfg, *rest)
+        if failing.calls:
+            opt.zero_grad(set_to_none=True)
+            metrics.update(skipped=1.0, loss=float("nan"))
+        failing.calls += 1
+        return metrics
+
+    failing.calls = 0
+    monkeypatch.setattr(grpo, "grpo_update", failing)
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as stop:
+        train.main(TINY + ["--steps", "8", "--save-every", "1", "--out", str(out)])
+    assert stop.value.code == 3
+    assert f"{train.MAX_BAD_STEPS} steps in a row (to step {1 + train.MAX_BAD_STEPS})" in capsys.readouterr().err
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    assert not (out / "results.md").exists()
+
+
+def test_resume_takes_the_checkpoints_flags_and_refuses_changes(tiny_run, tmp_path, capsys):
+    """--resume alone continues with the checkpoint's flags (not the demo's 1,200 users); a flag that
+    changes what the run computes is refused, listed, unless named in --resume-override; --steps at or
+    below the checkpoint's step says there is nothing to do."""
+    from plumbing.cli import parse_args
+
+    ckpt = str(tiny_run / "checkpoint")
+    cfg = parse_args(["--resume", ckpt, "--steps", "6"])
+    assert (cfg.synthetic_users, cfg.samples, cfg.steps, cfg.out) == (150, 3, 6, str(tiny_run))
+
+    def refused(args) -> str:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--resume", ckpt, *args])
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused(["--steps", "6", "--synthetic-users", "300", "--lr", "0.5"])
+    assert "--synthetic-users 300 (checkpoint: 150)" in err and "--lr 0.5 (checkpoint: 0.0001)" in err
+    assert parse_args(["--resume", ckpt, "--steps", "6", "--lr", "0.5", "--resume-override", "lr"]).lr == 0.5
+    assert "--steps 4: the checkpoint is already at step 4" in refused(["--steps", "4"])
+    assert "no flag --bogus" in refused(["--steps", "6", "--resume-override", "bogus"])
+
+
+def test_resume_on_other_data_is_refused(tiny_run, tmp_path, capsys):
+    """The same flags on changed data: the examples' fingerprint differs from the checkpoint's."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(tiny_run / "checkpoint", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["data_fingerprint"] = "0" * 16  # as if written on other data
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--resume", str(ckpt), "--steps", "6", "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "the examples differ from those the checkpoint was trained on" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically(sig, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """SIGTERM (what schedulers send) or Ctrl-C in the middle of the cold-start SFT: the batch finishes,
+    a checkpoint with the SFT's progress and AdamW state is written, exit code 130; --resume finishes
+    the SFT and the cold-start weights equal those of an uninterrupted run."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    args = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "1"]
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    real, calls = grpo.token_logprobs, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # during the second SFT batch
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(*a, **k)
+
+    monkeypatch.setattr(grpo, "token_logprobs", signalled)
+    out = tmp_path / "cut"
+    with pytest.raises(SystemExit) as stop:
+        train.main(args + ["--out", str(out)])
+    assert stop.value.code == 130 and "stopping in the cold-start SFT at batch 2" in capsys.readouterr().err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["step"], state["sft_step"]) == (0, 2) and not (out / "cold_start").exists()
+    monkeypatch.setattr(grpo, "token_logprobs", real)
+    train.main(["--resume", str(out / "checkpoint")])
+    whole, resumed = (load_file(str(d / "cold_start" / "model.safetensors")) for d in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["mae"] for r in metrics(out, "test").values()] == \
+        [r["mae"] for r in metrics(tmp_path / "whole", "test").values()]
+
+
+def test_sigterm_during_grpo_finishes_the_step_saves_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of GRPO step 2's update: the step completes and is saved (never half
+    applied), exit code 130, and --resume replays steps 3-4 as the uninterrupted run took them."""
+    import os
+    import signal
+
+    real, calls = grpo.grpo_update, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(grpo, "grpo_update", signalled)
+    out = tmp_path / "term"
+    with pytest.raises(SystemExit) as stop:
+        train.main(TINY + ["--out", str(out), "--steps", "4"])
+    assert stop.value.code == 130 and "stopping at step 2" in capsys.readouterr().err
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    monkeypatch.setattr(grpo, "grpo_update", real)
+    train.main(["--resume", str(out / "checkpoint")])
+    a, b = metrics(tiny_run), metrics(out)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path, capsys):
+    """A tokenizer with more tokens than the model has embedding rows (SmolLM2's 49,152 against a config
+    of 40,000) used to load and then fail at the first forward pass: now one line before any work."""
+    from plumbing.checkpoints import save_model
+    from plumbing.tokenizer import train_bpe
+    from tests.tiny_models import tiny_model
+
+    tok = train_bpe(["the user likes drama and the item is acclaimed"] * 50, tmp_path / "tok", vocab_size=300)
+    save_model(tiny_model(vocab_size=tok.vocab_size - 10), tmp_path / "m", tmp_path / "tok")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", str(tmp_path / "m"), "--eval-only", "--synthetic-users", "150", "--eval-size", "6"])
+    assert stop.value.code == 2
+    assert f"the tokenizer has {tok.vocab_size} tokens but the model's embedding only {tok.vocab_size - 10}" in \
+        capsys.readouterr().err
+
+
+def test_unknown_history_field_is_refused(capsys):
+    """--history-fields Bogus used to show no field at all, silently."""
+    from plumbing.cli import parse_args, prompt_settings
+
+    with pytest.raises(SystemExit) as stop:
+        prompt_settings(parse_args(["--history-fields", "Categories,Bogus"]))
+    assert stop.value.code == 2 and "--history-fields: no field 'Bogus'; choose from Title, Categories" in \
+        capsys.readouterr().err
+    assert prompt_settings(parse_args(["--history-fields", "Title, Categories"]))[0].history_fields == \
+        ("Title", "Categories")
+
+
+def test_duplicate_ratings_are_reported_or_dropped(tmp_path, capsys):
+    """The same (user, item, time) twice: a warning with the count, or --drop-duplicates keeps the first."""
+    from plumbing.cli import parse_args
+    from plumbing.experiment import load_task
+
+    rows = [f"u{u},i{i},{1 + (u + i) % 5},{100 * u + i}" for u in range(12) for i in range(8)]
+    f = tmp_path / "r.csv"
+    f.write_text("user_id,item_id,rating,timestamp\n" + "\n".join(rows + rows[:5]) + "\n")
+    warned = load_task(parse_args(["--data", str(f), "--data-format", "csv", "--model", str(tmp_path)]))
+    assert "5 ratings repeat the (user, item, time) of an earlier one" in capsys.readouterr().err
+    dropped = load_task(parse_args(["--data", str(f), "--data-format", "csv", "--model", str(tmp_path),
+                                    "--drop-duplicates"]))
+    assert "dropped 5 duplicate" in capsys.readouterr().out
+    assert len(dropped.train) < len(warned.train)
