@@ -93,12 +93,27 @@ class ModelConfig:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in ("default", "linear", "llama3"):
                 raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported")
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim"):
+                value = cfg[key] if key not in ("num_key_value_heads", "head_dim") else cfg.get(key)
+                if value is not None and not (type(value) is int and value > 0):
+                    raise CheckpointError(f"{source}: field {key!r} must be a positive integer, not {value!r}")
             n_heads = cfg["num_attention_heads"]
+            n_kv = cfg.get("num_key_value_heads") or n_heads
+            if n_heads % n_kv:
+                raise CheckpointError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                                      f"num_key_value_heads {n_kv}")
+            if not cfg.get("head_dim") and cfg["hidden_size"] % n_heads:
+                raise CheckpointError(f"{source}: hidden_size {cfg['hidden_size']} is not a multiple of "
+                                      f"num_attention_heads {n_heads} (and no head_dim is given)")
+            for key, value in (("rope_theta", theta), ("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6))):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise CheckpointError(f"{source}: field {key!r} must be a positive number, not {value!r}")
             attn_bias = bool(cfg.get("attention_bias", False))
             return ModelConfig(
                 arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                 intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-                num_heads=n_heads, num_kv_heads=cfg.get("num_key_value_heads", n_heads),
+                num_heads=n_heads, num_kv_heads=n_kv,
                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
                 rope_theta=float(theta),
                 rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},

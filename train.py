@@ -309,6 +309,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second signal: stop where we are
         print("\ninterrupted again: stopped without saving", file=sys.stderr)
         sys.exit(130)
+    except (CheckpointError, DataError) as e:  # a file that fails mid-run (a full disk, a cut optimizer file)
+        fail(str(e))
 
 
 def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):

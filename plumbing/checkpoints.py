@@ -109,6 +109,24 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.to(device).eval()
 
 
+def recover(path) -> Path:
+    """A run killed between replace_dir's two renames leaves only `path.old`, the last whole
+    checkpoint: put it back in place. Returns `path`."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+        print(f"{path}: recovered from {old.name} (a run was killed while replacing it)")
+    return path
+
+
+def _clean_leftovers(path: Path):
+    """Remove temporary directories of earlier writes of `path` that a kill interrupted: on a full
+    disk they would keep it full, and the next write would fail the same way."""
+    for leftover in path.parent.glob(path.name + ".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def replace_dir(tmp: Path, final: Path):
     """Move a fully written directory into place; a crash leaves either the old or the new one."""
     final = Path(final)
@@ -125,19 +143,28 @@ def replace_dir(tmp: Path, final: Path):
 def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict | None = None):
     """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-    state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
-    for name, payload in (extra_files or {}).items():
-        (tmp / name).write_bytes(payload if isinstance(payload, bytes) else payload.encode())
-    replace_dir(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover(path)
+        _clean_leftovers(path)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_bytes(payload if isinstance(payload, bytes) else payload.encode())
+        replace_dir(tmp, path)
+    except OSError as e:  # a full disk, most often: one line, and the previous checkpoint is untouched
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = " (the previous one is intact)" if path.exists() else ""
+        raise CheckpointError(f"{path}: could not be written{kept}: {e.strerror or e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -168,11 +195,25 @@ class TrainerState:
     @staticmethod
     def read(path) -> "TrainerState":
         """The TrainerState in `path/trainer_state.json`."""
-        saved = json.loads((Path(path) / "trainer_state.json").read_text())
+        saved = read_trainer_state(path)
         best = saved.get("best")
         return TrainerState(saved["step"], saved.get("cold_start"), saved.get("start_model"),
                             BestSoFar(**best) if best else None, saved.get("data_fingerprint"),
                             saved.get("sft_step"), saved.get("sft_traces"))
+
+
+def read_trainer_state(path) -> dict:
+    """trainer_state.json as written by save_checkpoint; a missing or cut file is a CheckpointError."""
+    f = Path(path) / "trainer_state.json"
+    try:
+        saved = json.loads(f.read_text())
+        if not {"step", "param_groups", "args"} <= set(saved):
+            raise ValueError("fields step, param_groups or args missing")
+        return saved
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing (not a training checkpoint written by train.py)") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable, so the checkpoint is incomplete ({e})") from None
 
 
 def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, flags: dict):
@@ -188,6 +229,8 @@ def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, 
 def load_optimizer(path: Path, optimizer) -> None:
     """Restore AdamW moments and param groups written by save_checkpoint (no pickle involved)."""
     state, f = {}, Path(path) / "optimizer.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing, so the checkpoint is incomplete (weights without AdamW's state)")
     try:
         tensors = load_file(str(f))
     except SafetensorError as e:
@@ -195,5 +238,5 @@ def load_optimizer(path: Path, optimizer) -> None:
     for key, value in tensors.items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = value
-    groups = json.loads((Path(path) / "trainer_state.json").read_text())["param_groups"]
+    groups = read_trainer_state(path)["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 from data import RATING_SCALE
 from grpo import LOSS_AGG_MODES
+from model import CheckpointError
+from plumbing.checkpoints import read_trainer_state, recover
 from plumbing.readers import FORMATS
 from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, PromptCaps, full_system_prompt
 
@@ -183,15 +184,16 @@ SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select",
 
 
 def saved_run(checkpoint: str) -> dict:
-    """trainer_state.json of a checkpoint written by train.py (its step and flags); one line on failure."""
-    f = Path(checkpoint) / "trainer_state.json"
+    """The step and flags of a checkpoint written by train.py (put back from `.old` if a kill left
+    only that); one line on failure."""
+    path = recover(checkpoint)
+    if not path.is_dir():
+        fail(f"--resume {checkpoint}: no such checkpoint directory")
     try:
-        saved = json.loads(f.read_text())
+        saved = read_trainer_state(path)
         return {"step": int(saved["step"]), "args": dict(saved["args"])}
-    except FileNotFoundError:
-        fail(f"--resume {checkpoint}: no trainer_state.json there (not a checkpoint written by train.py?)")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        fail(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is incomplete")
+    except CheckpointError as e:
+        fail(str(e))
 
 
 def _resume_values(given: dict, defaults: dict) -> dict:

@@ -245,6 +245,11 @@ BAD_CHECKPOINTS = {
                           ["model.safetensors: incomplete or corrupt safetensors file", "interrupted download"]),
     "truncated header": (lambda p: _truncate(p / "model.safetensors", keep=4),
                          ["model.safetensors: incomplete or corrupt safetensors file", "header"]),
+    "zero heads": (lambda p: _edit_config(p, num_attention_heads=0),
+                   ["'num_attention_heads' must be a positive integer, not 0"]),
+    "string size": (lambda p: _edit_config(p, hidden_size="32"), ["'hidden_size' must be a positive integer, not '32'"]),
+    "heads vs kv heads": (lambda p: _edit_config(p, num_key_value_heads=3), ["not a multiple of num_key_value_heads 3"]),
+    "negative eps": (lambda p: _edit_config(p, rms_norm_eps=-1), ["'rms_norm_eps' must be a positive number"]),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -414,3 +415,52 @@ def test_duplicate_ratings_are_reported_or_dropped(tmp_path, capsys):
                                     "--drop-duplicates"]))
     assert "dropped 5 duplicate" in capsys.readouterr().out
     assert len(dropped.train) < len(warned.train)
+
+
+def test_checkpoint_housekeeping(tiny_run, tmp_path, monkeypatch, capsys):
+    """Leftovers of killed writes are removed by the next write; a lone checkpoint.old (a kill between
+    the two renames) is put back by --resume; a full disk, a missing optimizer file and a cut
+    trainer_state.json are one line each, never a traceback."""
+    import shutil
+
+    import plumbing.checkpoints as ckpt
+    from tests.tiny_models import tiny_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoint.tmp-killed").mkdir()
+    ckpt.save_model(tiny_model(), run / "checkpoint2")
+    ckpt.save_model(tiny_model(), run / "checkpoint")  # its own leftovers go
+    assert not (run / "checkpoint.tmp-killed").exists()
+    shutil.copytree(tiny_run / "checkpoint", run / "checkpoint", dirs_exist_ok=True)
+
+    os.replace(run / "checkpoint", run / "checkpoint.old")
+    from plumbing.cli import parse_args
+    assert parse_args(["--resume", str(run / "checkpoint"), "--steps", "5"]).steps == 5
+    assert (run / "checkpoint" / "trainer_state.json").exists() and not (run / "checkpoint.old").exists()
+    assert "recovered from checkpoint.old" in capsys.readouterr().out
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save_file", full)
+        with pytest.raises(ckpt.CheckpointError, match="could not be written .the previous one is intact.: No space"):
+            ckpt.save_model(tiny_model(), run / "checkpoint2")
+    assert not list(run.glob("checkpoint2.tmp-*"))
+
+    def resumed_error(corrupt) -> str:
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(tiny_run / "checkpoint", broken)
+        corrupt(broken)
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--resume", str(broken), "--steps", "5", "--out", str(tmp_path / "o")])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    assert "optimizer.safetensors: missing" in resumed_error(lambda d: (d / "optimizer.safetensors").unlink())
+    cut = resumed_error(lambda d: (d / "trainer_state.json").write_text('{"step": 4, "cold'))
+    assert "trainer_state.json: unreadable, so the checkpoint is incomplete" in cut
