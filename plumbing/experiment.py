@@ -57,7 +57,7 @@ def load_task(cfg: RunConfig) -> TaskData:
     if cfg.data:
         data = load_ratings(cfg.data, cfg.data_format, cfg.meta, skip_bad_rows=cfg.skip_bad_rows)
         if data.skipped:
-            print(f"skipped {data.skipped} bad rows in {cfg.data}")
+            print(f"skipped {data.skipped} lines of bad rows in {cfg.data}")
         if cfg.drop_duplicates:
             if dropped := drop_duplicates(data):
                 print(f"{cfg.data}: dropped {dropped} duplicate (user, item, time) ratings")

@@ -40,30 +40,45 @@ class _RowError(Exception):
         super().__init__(f"field '{field}': {problem}" if field else problem)
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    """repr(value) for a message, cut to `limit` characters: a 50 MB field must not make a 50 MB message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value) if isinstance(value, str) else len(text):,} characters)"
+
+
 # ---------------------------------------------------------------- reading lines
 
 
 class _Lines:
-    """The lines of a text file (gzip if named *.gz), counting line numbers."""
+    """The lines of a text file (gzip if named *.gz), counting line numbers.
+
+    `no` is the last line read, `first` the first line of the current record (a CSV row may span
+    lines), `eof` whether a record asked for a line past the last one.
+    """
 
     def __init__(self, path: Path, encoding: str = "utf-8"):
-        self.path, self.encoding, self.no, self.bad_bytes = path, encoding, 0, False
+        self.path, self.encoding, self.no, self.first, self.bad_bytes, self.eof = path, encoding, 0, 0, False, False
 
     def __iter__(self) -> Iterator[str]:
         with (gzip.open if self.path.name.endswith(".gz") else open)(self.path, "rb") as f:
             for raw in f:
-                self.no += 1
+                self.no = self.first = self.no + 1
                 try:
                     yield raw.decode(self.encoding)
                 except UnicodeDecodeError:  # flag it so that only the row holding it is rejected
                     self.bad_bytes = True
                     yield raw.decode(self.encoding, errors="replace")
+        self.eof = True
 
 
 def _collect(lines: _Lines, records: Iterable, parse: Callable) -> Iterator[Rating | _RowError]:
     """Parse each non-blank record (a line or a CSV row) of `lines`; yield a Rating or the _RowError."""
     for record in records:
         try:
+            if isinstance(record, _RowError):
+                raise record
             if lines.bad_bytes:
                 raise _RowError(None, f"bytes that are not valid {lines.encoding}")
             if record and (not isinstance(record, str) or record.strip()):
@@ -74,20 +89,36 @@ def _collect(lines: _Lines, records: Iterable, parse: Callable) -> Iterator[Rati
             lines.bad_bytes = False
 
 
-def _csv(lines: _Lines, required: Iterable[str]) -> tuple[Iterator[list[str]], Callable]:
-    """CSV rows (quoted fields may span lines) and a row -> dict function that checks the width."""
+def _csv(lines: _Lines, required: Iterable[str]) -> tuple[Iterator[list[str] | _RowError], Callable]:
+    """CSV rows (quoted fields may span lines; a row the csv module refuses comes as its _RowError) and
+    a row -> dict function that checks the width."""
     reader = csv.reader(lines)
-    header = [h.strip().lstrip("\ufeff") for h in next(reader, [])]
+    try:
+        header = [h.strip().lstrip("\ufeff") for h in next(reader, [])]
+    except csv.Error as e:  # a header beyond the field size limit, say
+        raise DataError(f"{lines.path.name} line 1: unreadable header ({e})") from None
     for column in required:
         if column not in header:
-            raise DataError(f"{lines.path.name} line 1: header lacks column '{column}' (has {header})")
+            raise DataError(f"{lines.path.name} line 1: header lacks column '{column}' (has {_shown(header)})")
+
+    def rows() -> Iterator[list[str] | _RowError]:
+        while True:
+            before = lines.no
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the reader goes on with the next line, so only this row is lost
+                row = _RowError(None, f"unreadable CSV ({e})")
+            lines.first = before + 1
+            yield row
 
     def as_dict(row: list[str]) -> dict:
         if len(row) != len(header):
             raise _RowError(None, f"expected {len(header)} fields, found {len(row)}")
         return dict(zip(header, row))
 
-    return reader, as_dict
+    return rows(), as_dict
 
 
 def _fields(line: str, sep: str, n: int) -> list[str]:
@@ -116,19 +147,25 @@ def _number(value: object) -> float:
     return float(value)
 
 
+# Times outside 1970 to the end of 2100 (unix seconds) are typos or wrong units, not ratings.
+_TIME_RANGE = (0.0, datetime(2101, 1, 1, tzinfo=timezone.utc).timestamp())
+
+
 def _parse_time(value: object, key: str, millis: bool) -> int:
-    """Unix seconds from a number (seconds, or milliseconds if `millis`) or an ISO date (UTC if naive)."""
+    """Unix seconds from a number (seconds, or milliseconds if `millis`) or an ISO date (UTC if naive),
+    between 1970 and 2100."""
     try:
-        seconds = _number(value)
-        if math.isfinite(seconds):
-            return int(seconds // 1000 if millis else seconds)
+        number = _number(value)
+        seconds = number // 1000 if millis else number
     except (TypeError, ValueError):
-        pass
-    try:
-        when = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise _RowError(key, f"{value!r} is neither a unix time nor an ISO date") from None
-    return int((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+        try:
+            when = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _RowError(key, f"{_shown(value)} is neither a unix time nor an ISO date") from None
+        seconds = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    if not _TIME_RANGE[0] <= seconds < _TIME_RANGE[1]:  # in seconds, after any unit conversion; rejects NaN
+        raise _RowError(key, f"{_shown(value)} is not a time between 1970 and 2100")
+    return int(seconds)
 
 
 def _rating_from(row: dict, cols: tuple, scale: tuple[float, float], millis: bool = False) -> Rating:
@@ -144,9 +181,9 @@ def _rating_from(row: dict, cols: tuple, scale: tuple[float, float], millis: boo
     try:
         rating = _number(raw)
     except (TypeError, ValueError):
-        raise _RowError(rating_key, f"{raw!r} is not a number") from None
+        raise _RowError(rating_key, f"{_shown(raw)} is not a number") from None
     if not scale[0] <= rating <= scale[1]:  # also rejects NaN
-        raise _RowError(rating_key, f"{raw!r} is outside the scale {scale[0]:g}-{scale[1]:g}")
+        raise _RowError(rating_key, f"{_shown(raw)} is outside the scale {scale[0]:g}-{scale[1]:g}")
     return Rating(str(required(user)).strip(), str(required(item)).strip(), rating,
                   _parse_time(required(time_key), time_key, millis),
                   _clean(row.get(review)) if review else "", _clean(row.get(summary)) if summary else "")
@@ -224,7 +261,8 @@ def _csv_item(row: dict) -> Item | None:
 
 
 def _read_meta(path: Path, fmt: str) -> dict[str, Item]:
-    """Items from a metadata file; rows that cannot be understood are skipped, first row per id wins."""
+    """Items from a metadata file; rows that cannot be understood are skipped, first row per id wins.
+    A file that yields no item at all is a DataError: the run would have no item texts."""
     lines = _Lines(path, "latin-1" if fmt in ("ml-100k", "ml-1m") else "utf-8")
     records: Iterable = lines
     if fmt in ("ml-20m", "csv"):
@@ -234,13 +272,21 @@ def _read_meta(path: Path, fmt: str) -> dict[str, Item]:
         to_item = {"amazon": _amazon_item, "amazon2023": _amazon_item, "yelp": _yelp_item,
                    "ml-100k": _ml100k_item, "ml-1m": lambda line: _ml_genres(*_fields(line, "::", 3))}[fmt]
     items: dict[str, Item] = {}
+    seen = 0
     for record in records:
+        blank = not (record.strip() if isinstance(record, str) else record)
+        seen += not blank
+        if blank or isinstance(record, _RowError):  # a _RowError: a row the csv module refused
+            continue
         try:
             item = to_item(record)
         except (ValueError, SyntaxError, TypeError, KeyError, AttributeError, IndexError, _RowError):
             continue
         if item is not None and item.item_id:
             items.setdefault(item.item_id, item)
+    if not items:
+        unit = ("row" if fmt in ("ml-20m", "csv") else "line") + "s" * (seen != 1)
+        raise DataError(f"{path.name}: no item metadata read (0 of {seen:,} {unit} usable)")
     return items
 
 
@@ -306,7 +352,8 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
     """Read a dataset in one of FORMATS; ratings come sorted by (time, file order).
 
     A bad ratings row raises DataError naming file, line and field; with `skip_bad_rows` it is
-    skipped and counted in `skipped`. Default scale: 0.5-5 for ml-20m, else 1-5.
+    skipped and its lines (a stray quote can take many) counted in `skipped`. Default scale: 0.5-5 for
+    ml-20m, else 1-5. A metadata file that yields no item of the ratings is a DataError.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -328,7 +375,8 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
 
         def parse(row: list[str]) -> Rating:
             rating = _rating_from(as_dict(row), cols, scale)
-            if fmt == "csv" and rating.item_id not in items:  # item columns ride along; first wins
+            # item columns ride along, first wins; not from a row an unclosed quote ran to the end of file
+            if fmt == "csv" and rating.item_id not in items and not lines.eof:
                 if item := _csv_item(as_dict(row)):
                     items[rating.item_id] = item
             return rating
@@ -344,15 +392,29 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
     ratings, skipped = [], 0
     try:
         for result in _collect(lines, records, parse):
-            if isinstance(result, Rating):
+            # A stray quote makes the csv module read on, as one field, up to the next quote or the end of
+            # the file: every line it took is lost, so each counts, and the error names where it opened.
+            span = lines.no - lines.first + 1
+            if lines.eof:  # only a quoted field still open asks for a line past the last one
+                result = (f"line {lines.first}: an unclosed quote swallows the rest of the file "
+                          f"({span:,} line{'s' * (span != 1)})")
+            elif isinstance(result, Rating):
                 ratings.append(result)
-            elif skip_bad_rows:
-                skipped += 1
+                continue
+            elif span > 1:
+                result = (f"line {lines.first}: a quoted field opened here runs to line {lines.no}, "
+                          f"taking {span:,} lines (a stray quote?): {result}")
             else:
-                raise DataError(f"{path.name} line {lines.no}: {result}" + ("" if ratings else hint))
-    except (csv.Error, EOFError, gzip.BadGzipFile) as e:  # broken quoting, a truncated .gz
+                result = f"line {lines.no}: {result}"
+            if not skip_bad_rows:
+                raise DataError(f"{path.name} {result}" + ("" if ratings else hint))
+            skipped += span
+    except (EOFError, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
         raise DataError(f"{path.name} line {lines.no}: unreadable ({e})") from None
     ratings.sort(key=lambda r: r.time)  # stable, so ties keep file order
     if meta is not None:
-        items.update(_read_meta(meta, fmt))  # an explicit metadata file wins over CSV item columns
+        described = _read_meta(meta, fmt)
+        if ratings and not any(r.item_id in described for r in ratings):  # wrong file, or ids of another kind
+            raise DataError(f"no item in {meta.name} matches an item of the ratings in {path.name}")
+        items.update(described)  # an explicit metadata file wins over CSV item columns
     return RatingData(name, ratings, items, skipped, scale)

@@ -213,6 +213,158 @@ def test_undecodable_bytes(tmp_path):
     assert data.skipped == 1 and [r.item_id for r in data.ratings] == ["i"]
 
 
+def test_unclosed_quote_counts_every_line_it_swallows(tmp_path):
+    """An unclosed quote makes the csv module read the rest of the file as one field: the error names the
+    line where the quote opened, and skipping counts every line lost, not one row (also for ml-20m)."""
+    rows = [f'u{k},"i{k},4,{1000 + k}' if k == 2000 else f"u{k},i{k},4,{1000 + k}" for k in range(3000)]
+    for fmt, name, head in (("csv", "r.csv", CSV_HEAD), ("ml-20m", "ratings.csv", "userId,movieId,rating,timestamp\n")):
+        write(tmp_path / name, head + "".join(row + "\n" for row in rows))
+        with pytest.raises(DataError) as err:
+            load_ratings(tmp_path / name, fmt)
+        assert str(err.value) == f"{name} line 2002: an unclosed quote swallows the rest of the file (1,000 lines)"
+        data = load_ratings(tmp_path / name, fmt, skip_bad_rows=True)
+        assert len(data.ratings) == 2000 and data.skipped == 1000
+        assert len(data.ratings) + data.skipped == len(rows)
+
+
+def test_unclosed_quote_in_the_last_column_is_not_a_long_review(tmp_path):
+    """A quote left open in the review column would give a well-formed row whose review is the rest of the
+    file: it is refused all the same. A quote closed on a later line is a real multi-line field."""
+    text = CSV_HEAD[:-1] + ",review\n" + 'a,i,4,1,"two\nlines"\nb,i,4,2,"open\nc,i,4,3,x\nd,i,4,4,y\n'
+    write(tmp_path / "r.csv", text)
+    with pytest.raises(DataError, match=r"^r.csv line 4: an unclosed quote swallows the rest of the file \(3 lines\)$"):
+        load_ratings(tmp_path / "r.csv", "csv")
+    data = load_ratings(tmp_path / "r.csv", "csv", skip_bad_rows=True)
+    assert [r.review for r in data.ratings] == ["two lines"] and data.skipped == 3
+    write(tmp_path / "t.csv", CSV_HEAD[:-1] + ",title\n" + 'a,i,4,1,Tea\nb,j,4,2,"Open\nc,k,4,3,Cake\n')
+    data = load_ratings(tmp_path / "t.csv", "csv", skip_bad_rows=True)  # nor is it an item titled so
+    assert list(data.items) == ["i"] and data.skipped == 2
+
+
+def test_stray_quote_closed_later_names_where_it_opened(tmp_path):
+    """A stray quote closed by another one lines later joins those lines into one bad row: the error names
+    both lines, skipping counts each line, and the rows after it are read."""
+    write(tmp_path / "r.csv", CSV_HEAD + 'a,i,4,1\nb,"i,4,2\nc,i,4,3\nd,i",4,4,9\ne,i,4,5\n')
+    with pytest.raises(DataError) as err:
+        load_ratings(tmp_path / "r.csv", "csv")
+    assert str(err.value) == ("r.csv line 3: a quoted field opened here runs to line 5, taking 3 lines "
+                              "(a stray quote?): expected 4 fields, found 5")
+    data = load_ratings(tmp_path / "r.csv", "csv", skip_bad_rows=True)
+    assert [r.user_id for r in data.ratings] == ["a", "e"] and data.skipped == 3
+
+
+def test_oversized_csv_field_is_one_bad_row(tmp_path):
+    """A field over the csv module's size limit is a bad row (skippable), not the end of the reading; in a
+    metadata file it only loses that item; in a header it is a DataError, not a bare csv.Error."""
+    write(tmp_path / "r.csv", CSV_HEAD + "u,i," + "9" * 200_000 + ",1\nu,j,4,2\n")
+    with pytest.raises(DataError, match=r"^r.csv line 2: unreadable CSV \(field larger than field limit"):
+        load_ratings(tmp_path / "r.csv", "csv")
+    data = load_ratings(tmp_path / "r.csv", "csv", skip_bad_rows=True)
+    assert [r.item_id for r in data.ratings] == ["j"] and data.skipped == 1
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,100\n")
+    write(tmp_path / "movies.csv", f'movieId,title,genres\n3,"{"x" * 200_000}",Drama\n2,Heat (1995),Crime\n')
+    assert load_ratings(tmp_path, "ml-20m").items["2"].title == "Heat (1995)"
+    write(tmp_path / "h.csv", "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"^h.csv line 1: unreadable header"):
+        load_ratings(tmp_path / "h.csv", "csv")
+
+
+ABSURD_TIMES = [  # (format, file name, text, field, value as the message shows it)
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,-5\n", "timestamp", "'-5'"),
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,1e300\n", "timestamp", "'1e300'"),
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,inf\n", "timestamp", "'inf'"),
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,nan\n", "timestamp", "'nan'"),
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,1969-12-31\n", "timestamp", "'1969-12-31'"),
+    ("csv", "r.csv", CSV_HEAD + "u,i,4,1\nu,i,4,2101-01-01T00:00:00Z\n", "timestamp", "'2101-01-01T00:00:00Z'"),
+    ("amazon", "r.json", jsonl([{"reviewerID": "u", "asin": "a", "overall": 5, "unixReviewTime": 1},
+                                {"reviewerID": "u", "asin": "a", "overall": 5, "unixReviewTime": -5}]),
+     "unixReviewTime", "-5"),
+    ("amazon2023", "r.jsonl", jsonl([{"user_id": "u", "asin": "a", "rating": 5, "timestamp": 1588615855070},
+                                     {"user_id": "u", "asin": "a", "rating": 5, "timestamp": 4133980800000}]),
+     "timestamp", "4133980800000"),  # milliseconds: 2101-01-01
+    ("amazon2023", "r.jsonl", jsonl([{"user_id": "u", "asin": "a", "rating": 5, "timestamp": 1000},
+                                     {"user_id": "u", "asin": "a", "rating": 5, "timestamp": 1e300}]),
+     "timestamp", "1e+300"),
+    ("ml-100k", "u.data", "1\t2\t3\t4\n1\t2\t3\t1e300\n", "timestamp", "'1e300'"),
+    ("ml-1m", "ratings.dat", "1::2::3::4\n1::2::3::-5\n", "timestamp", "'-5'"),
+    ("ml-20m", "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,Infinity\n", "timestamp", "'Infinity'"),
+    ("yelp", "review.json", jsonl([{"user_id": "u", "business_id": "b", "stars": 4, "date": "2018-07-07"},
+                                   {"user_id": "u", "business_id": "b", "stars": 4, "date": "1960-01-01"}]),
+     "date", "'1960-01-01'"),
+]
+
+
+@pytest.mark.parametrize("fmt,name,text,field,shown", ABSURD_TIMES,
+                         ids=[f"{case[0]}:{case[4]}" for case in ABSURD_TIMES])
+def test_times_outside_1970_2100_are_bad_rows(tmp_path, fmt, name, text, field, shown):
+    """Every format refuses a time before 1970 or after 2100 (or not finite), checked in unix seconds after
+    any unit conversion (Amazon 2023 milliseconds, ISO dates), as a bad row naming file, line and field."""
+    write(tmp_path / name, text)
+    line = 3 if fmt in ("csv", "ml-20m") else 2
+    with pytest.raises(DataError) as err:
+        load_ratings(tmp_path / name, fmt)
+    assert str(err.value) == f"{name} line {line}: field '{field}': {shown} is not a time between 1970 and 2100"
+    data = load_ratings(tmp_path / name, fmt, skip_bad_rows=True)
+    assert len(data.ratings) == 1 and data.skipped == 1
+
+
+def test_times_at_the_ends_of_the_range_are_kept(tmp_path):
+    """The epoch itself and the last second of 2100 are valid times."""
+    write(tmp_path / "r.csv", CSV_HEAD + "u,i,4,0\nu,i,4,2100-12-31T23:59:59\nu,i,4,4133980799\n")
+    assert [r.time for r in load_ratings(tmp_path / "r.csv", "csv").ratings] == [0, 4133980799, 4133980799]
+
+
+HUGE = "9" * 5_000_000
+HUGE_ROWS = [  # (format, file name, text, the message's start); a 5 MB value must not be echoed whole
+    ("amazon", "r.json", jsonl([{"reviewerID": "u", "asin": "a", "overall": HUGE, "unixReviewTime": 1}]),
+     "r.json line 1: field 'overall': '" + "9" * 79 + "... (5,000,000 characters) is outside the scale 1-5"),
+    ("amazon", "r.json", jsonl([{"reviewerID": "u", "asin": "a", "overall": "x" + HUGE, "unixReviewTime": 1}]),
+     "r.json line 1: field 'overall': 'x" + "9" * 78 + "... (5,000,001 characters) is not a number"),
+    ("amazon", "r.json", jsonl([{"reviewerID": "u", "asin": "a", "overall": 3, "unixReviewTime": "x" + HUGE}]),
+     "r.json line 1: field 'unixReviewTime': 'x" + "9" * 78 + "... (5,000,001 characters) is neither"),
+    ("amazon", "r.json", jsonl([{"reviewerID": "u", "asin": "a", "overall": 3, "unixReviewTime": HUGE}]),
+     "r.json line 1: field 'unixReviewTime': '" + "9" * 79 + "... (5,000,000 characters) is not a time"),
+    ("ml-100k", "u.data", f"1\t2\tx{HUGE}\t4\n", "u.data line 1: field 'rating': 'x" + "9" * 78 + "... (5,000,001"),
+    ("csv", "r.csv", ",".join(["col"] * 200_000) + "\n", "r.csv line 1: header lacks column 'user_id' (has ['col', "),
+]
+
+
+@pytest.mark.parametrize("fmt,name,text,start", HUGE_ROWS, ids=[f"{case[0]}-{k}" for k, case in enumerate(HUGE_ROWS)])
+def test_huge_values_are_cut_in_messages(tmp_path, fmt, name, text, start):
+    """A raw value echoed in an error is cut to 80 characters plus its size, whatever its length."""
+    write(tmp_path / name, text)
+    with pytest.raises(DataError) as err:
+        load_ratings(tmp_path / name, fmt)
+    assert str(err.value).startswith(start) and len(str(err.value)) < 250
+
+
+def test_metadata_file_that_yields_no_item_is_an_error(tmp_path):
+    """A metadata file given (or found next to the ratings) that yields no item, or no item of the ratings,
+    is a DataError naming it; absent optional metadata still loads."""
+    reviews = write(tmp_path / "r.json", jsonl([{"reviewerID": "U", "asin": "A", "overall": 5, "unixReviewTime": 1}]))
+    for text, message in (
+            ("", "meta.json: no item metadata read (0 of 0 lines usable)"),
+            ("<html>\nnot metadata\n\n[1, 2]\n", "meta.json: no item metadata read (0 of 3 lines usable)"),
+            (jsonl([{"asin": "B"}, {"asin": "C"}]), "no item in meta.json matches an item of the ratings in r.json")):
+        write(tmp_path / "meta.json", text)
+        with pytest.raises(DataError) as err:
+            load_ratings(reviews, "amazon", tmp_path / "meta.json")
+        assert str(err.value) == message
+    assert load_ratings(reviews, "amazon").items == {}  # no --meta: ratings alone
+    write(tmp_path / "r.csv", CSV_HEAD[:-1] + ",title\nu,i,4,1,Tea\n")
+    write(tmp_path / "m.csv", "item_id,title\ni,\nj,\n")
+    with pytest.raises(DataError, match=r"^m.csv: no item metadata read \(0 of 2 rows usable\)$"):
+        load_ratings(tmp_path / "r.csv", "csv", tmp_path / "m.csv")
+    assert load_ratings(tmp_path / "r.csv", "csv").items["i"].title == "Tea"
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    write(ml / "u.data", "1\t10\t4\t881250949\n")
+    assert load_ratings(ml, "ml-100k").items == {}  # u.item absent: fine
+    write(ml / "u.item", "11|Other (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 19) + "\n")
+    with pytest.raises(DataError, match=r"^no item in u.item matches an item of the ratings in u.data$"):
+        load_ratings(ml, "ml-100k")
+
+
 def test_missing_header_column_and_explicit_scale(tmp_path):
     """A CSV without a required column fails on line 1; an explicit scale overrides the default."""
     write(tmp_path / "r.csv", "user,item_id,rating,timestamp\n")
