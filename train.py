@@ -34,8 +34,17 @@ import torch
 from tqdm import tqdm
 
 import grpo
+from lora import add_lora
 from model import CheckpointError, SamplingConfig, right_pad
-from plumbing.checkpoints import BestSoFar, TrainerState, load_model, load_optimizer, save_checkpoint, save_model
+from plumbing.checkpoints import (
+    BestSoFar,
+    TrainerState,
+    load_adapters,
+    load_model,
+    load_optimizer,
+    save_checkpoint,
+    save_model,
+)
 from plumbing.cli import RunConfig, check_args, fail, parse_args, pick, prompt_settings
 from plumbing.experiment import (
     Distributed,
@@ -65,6 +74,7 @@ class SFTConfig:
     sft_lr: float = 1e-5
     sft_batch: int = 16
     sft_prompt_weight: float = 0.0  # > 0 also trains on the prompt tokens
+    micro_batch: int = 8  # rows per forward/backward; gradients accumulate over the batch
     seed: int = 0
 
 
@@ -72,6 +82,24 @@ def sft_row(prompter: Prompter, trace: Trace) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one trace: the completion ends with the token that closes an
     assistant turn in the model's chat format, as the chat template would write it."""
     return prompter(trace.example), prompter.tok.encode(trace.text) + [prompter.tok.turn_end_id]
+
+
+def sft_loss(model, rows: list[tuple[list[int], list[int]]], n_trace: int, n_prompt: int, prompt_weight: float,
+             pad_id: int, device) -> float:
+    """Backpropagate one micro-batch's share of the SFT loss: the next-token NLL summed over its trace
+    tokens / n_trace (+ prompt_weight x the same over prompt tokens / n_prompt); returns that share."""
+    ids, _ = right_pad([p + c for p, c in rows], pad_id, device)
+    plens = torch.tensor([len(p) for p, _ in rows], device=device)
+    clens = torch.tensor([len(c) for _, c in rows], device=device)
+    trace_mask = grpo.completion_mask(plens, clens, ids.shape[1])  # the trace and its end token
+    prompt_mask = grpo.completion_mask(torch.ones_like(plens), plens - 1, ids.shape[1])  # prompt after token 0
+    prompt_mask &= prompt_weight > 0
+    logp, _ = grpo.token_logprobs(model, ids, trace_mask | prompt_mask)
+    loss = -(logp * trace_mask).sum() / n_trace  # mean next-token NLL over the batch's trace tokens
+    if prompt_weight > 0:
+        loss = loss - prompt_weight * (logp * prompt_mask).sum() / n_prompt
+    loss.backward()
+    return loss.item()
 
 
 def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None,
@@ -86,7 +114,8 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
         raise ValueError("sft: no traces to train on")
     tok = prompter.tok
     rows = [sft_row(prompter, t) for t in traces]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or only LoRA's adapters
+    opt = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     if resume_from is not None:
         load_optimizer(resume_from, opt)  # also restores each group's initial_lr, which the schedule needs
     steps = cfg.sft_epochs * math.ceil(len(rows) / cfg.sft_batch)
@@ -104,33 +133,29 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
                 step += 1
                 continue
             batch = [rows[j] for j in order[i:i + cfg.sft_batch]]
-            ids, _ = right_pad([p + c for p, c in batch], tok.pad_id, device)
-            plens = torch.tensor([len(p) for p, _ in batch], device=device)
-            clens = torch.tensor([len(c) for _, c in batch], device=device)
-            trace_mask = grpo.completion_mask(plens, clens, ids.shape[1])  # the trace and its end token
-            prompt_mask = grpo.completion_mask(torch.ones_like(plens), plens - 1, ids.shape[1])  # after token 0
-            prompt_mask &= cfg.sft_prompt_weight > 0
-            logp, _ = grpo.token_logprobs(model, ids, trace_mask | prompt_mask)
-            loss = -(logp * trace_mask).sum() / trace_mask.sum()  # mean next-token NLL over trace tokens
-            if cfg.sft_prompt_weight > 0:
-                loss = loss - cfg.sft_prompt_weight * (logp * prompt_mask).sum() / prompt_mask.sum()
+            # means over the whole batch's tokens, so splitting it into micro-batches changes nothing
+            n_trace = sum(len(c) for _, c in batch)
+            n_prompt = sum(len(p) - 1 for p, _ in batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss = 0.0
+            for k in range(0, len(batch), cfg.micro_batch):
+                loss += sft_loss(model, batch[k:k + cfg.micro_batch], n_trace, n_prompt, cfg.sft_prompt_weight,
+                                 tok.pad_id, device)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             step += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             if stop is not None and stop.requested and save is not None:
                 bar.close()
                 if i + cfg.sft_batch >= len(rows):  # the epoch's last batch: its record is due now
-                    log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+                    log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
                 opt.zero_grad(set_to_none=True)
                 save(step, opt)
                 sys.exit(130)
         if step > start:  # this run trained in this epoch
-            log({"stage": "sft", "epoch": epoch + 1, "loss": loss.item()})
+            log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
     bar.close()
     model.eval()
 
@@ -174,7 +199,7 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
     grpo_cfg = pick(grpo.GRPOConfig, cfg)
     sampling = pick(SamplingConfig, cfg, stop_ids=tok.stop_ids)
     reward_cfg = reward_config(cfg.reward, task.scale)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     out = Path(cfg.out)
     if cfg.resume:
         load_optimizer(Path(cfg.resume), opt)
@@ -313,10 +338,18 @@ def main(argv=None):
         fail(str(e))
 
 
+def with_lora(model, cfg: RunConfig):
+    """`model` with LoRA adapters when --lora-rank > 0 (lora.py; everything else frozen), else unchanged."""
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(t.strip() for t in cfg.lora_targets.split(",")))
+    return model
+
+
 def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):
     """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
     dist = setup_distributed(device)
     out = Path(cfg.out)
+    base_dtype = compute if cfg.lora_rank else dtype  # with LoRA the base is frozen: keep it in the compute dtype
     if cfg.demo and cfg.mode == "reczero" and not cfg.resume and dist.rank == 0:
         print("warning: --mode reczero on the embedded demo starts GRPO from the demo's random weights, which "
               "cannot write the four-tag format: every reward will be the format penalty and GRPO has no signal. "
@@ -331,7 +364,12 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
         if cfg.resume or cfg.model:
             tok_dir = Path(cfg.resume or cfg.model)
-            model, tok = load_model(tok_dir, dtype, device), Tokenizer(tok_dir)
+            tok = Tokenizer(tok_dir)
+            if cfg.lora_rank and cfg.resume:  # the frozen base the adapters were trained on, then the adapters
+                model = with_lora(load_model(state.start_model, base_dtype, device), cfg)
+                load_adapters(cfg.resume, model)
+            else:
+                model = with_lora(load_model(tok_dir, base_dtype, device), cfg)
             tok.check_fits(model.config.vocab_size, tok_dir)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
             tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, dist.rank)
@@ -375,7 +413,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             save_model(model, out / "cold_start", tok_dir)
         state.sft_step = None
         dist.barrier()
-        model = load_model(out / "cold_start", dtype, device)
+        model = with_lora(load_model(out / "cold_start", base_dtype, device), cfg)  # fresh adapters for GRPO
         model.gradient_checkpointing = cfg.grad_checkpointing
         state.start_model = str(out / "cold_start")
         if dist.rank == 0:

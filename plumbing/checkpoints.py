@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
+import lora
 from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
 from plumbing.tokenizer import TOKENIZER_FILES
 
@@ -150,9 +151,14 @@ def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict |
         _clean_leftovers(path)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+        weights = lora.merged_state_dict(model) if lora.has_lora(model) else model.state_dict()
         state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
-                 for k, v in model.state_dict().items()}
+                 for k, v in weights.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if lora.has_lora(model):  # the adapters on their own too: what a resumed run trains on
+            adapters = {k: v.detach().contiguous().cpu() for k, v in lora.adapter_state_dict(model).items()}
+            save_file(adapters, str(tmp / "adapter_model.safetensors"))
+            (tmp / "adapter_config.json").write_text(json.dumps(lora.adapter_config(model), indent=1))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).exists():
@@ -224,6 +230,22 @@ def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, 
     saved = {**asdict(state), "args": flags, "param_groups": opt["param_groups"]}
     save_model(model, path, tok_dir, extra_files={"optimizer.safetensors": save(tensors),
                                                   "trainer_state.json": json.dumps(saved, indent=1)})
+
+
+def load_adapters(path, model) -> None:
+    """Load adapter_model.safetensors (written by save_model for a model with LoRA) into `model`,
+    whose adapters must have the same names and shapes."""
+    f = Path(path) / "adapter_model.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing (a --lora-rank run needs the adapters it trained)")
+    try:
+        saved = load_file(str(f))
+    except SafetensorError as e:
+        raise _unreadable(f, e) from None
+    own = lora.adapter_state_dict(model)
+    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+        raise CheckpointError(f"{f}: adapters do not match --lora-rank / --lora-targets of this run")
+    model.load_state_dict(saved, strict=False)
 
 
 def load_optimizer(path: Path, optimizer) -> None:

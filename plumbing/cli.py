@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data import RATING_SCALE
 from grpo import LOSS_AGG_MODES
+from lora import TARGETS as LORA_TARGETS
 from model import CheckpointError
 from plumbing.checkpoints import read_trainer_state, recover
 from plumbing.readers import FORMATS
@@ -124,6 +125,11 @@ class RunConfig:
     drop_truncated: bool = option("leave completions that hit --max-new-tokens out of the loss", False)
     reward: str = option("paper: +-0.5, 1-|e|/span (4 on a 1-5 scale); code: +-1, 1-|e|/2", "paper",
                          choices=REWARD_PRESETS)
+    # LoRA (lora.py): low-rank adapters instead of full fine-tuning, for SFT and GRPO
+    lora_rank: int = option("LoRA rank r; 0 trains every weight", 0, valid=at_least(0))
+    lora_alpha: float = option("LoRA scale alpha (the update is multiplied by alpha / r)", 32.0, valid=above(0))
+    lora_targets: str = option("comma-separated linear layers that get adapters",
+                               "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     # evaluation, logging, checkpoints
     eval_size: int = option("test examples scored (greedy)", 1000, 300, valid=at_least(1))
     eval_every: int = option("evaluate on validation examples every N steps", 50, 10, valid=at_least(1))
@@ -278,6 +284,11 @@ def check_args(cfg: RunConfig):
             why = f" ({valid.why})" if valid.why else ""
             finite = "" if math.isfinite(value) else "a finite number "
             fail(f"--{f.name.replace('_', '-')} {value}: must be {finite}{valid}{why}")
+    if cfg.lora_rank and cfg.demo:
+        fail("--lora-rank needs --model: LoRA adapts a pretrained model, and the demo's starts from random weights")
+    unknown = set(cfg.lora_targets.split(",")) - set(LORA_TARGETS)
+    if cfg.lora_rank and unknown:
+        fail(f"--lora-targets: no layer {', '.join(sorted(unknown))}; choose from {', '.join(LORA_TARGETS)}")
     prompt_settings(cfg)  # the prompt flags too: a bad --history-fields or --system-prompt file
 
 

@@ -24,7 +24,7 @@ from plumbing.teachers import (
 )
 from plumbing.tokenizer import train_bpe
 from reczero import Prompter, parse_output
-from train import SFTConfig, sft
+from train import SFTConfig, sft, sft_loss, sft_row
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,20 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
     losses = []
     sft(model, prompter, traces[:16], SFTConfig(sft_epochs=3, sft_lr=3e-3, sft_batch=8), log=losses.append)
     assert losses[-1]["loss"] < losses[0]["loss"]
+
+    # micro-batches of 3 rows give the gradient of the whole batch of 8: the loss is a mean over the
+    # batch's tokens, not over each micro-batch's (SFT's --micro-batch)
+    rows = [sft_row(prompter, t) for t in traces[:8]]
+    n_trace, n_prompt = sum(len(c) for _, c in rows), sum(len(p) - 1 for p, _ in rows)
+    grads = []
+    for micro in (8, 3):
+        model.zero_grad(set_to_none=True)
+        total = sum(sft_loss(model, rows[k:k + micro], n_trace, n_prompt, 0.5, tok.pad_id, "cpu")
+                    for k in range(0, 8, micro))
+        grads.append((total, [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for g8, g3 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g8, g3, atol=1e-6, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------

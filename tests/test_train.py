@@ -209,6 +209,7 @@ def test_split_flag_reaches_the_data():
     (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be > 0"),
     (["--temperature", "0"], "--temperature 0.0: must be > 0 (for training rollouts"),
     (["--rationalise-rate", "1.5"], "--rationalise-rate 1.5: must be in [0, 1]"),
+    (["--lora-rank", "4"], "--lora-rank needs --model"),
 ])
 def test_flags_that_make_no_sense_stop_before_any_work(args, message, capsys):
     """Every numeric flag is checked against its range at once: one line, exit code 2."""

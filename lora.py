@@ -1,0 +1,93 @@
+"""LoRA: train a low-rank update of chosen linear layers instead of the whole model.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3: a frozen weight W0
+(out x in) gets an update B A of rank r, scaled by alpha / r:
+
+    h = W0 x + (alpha / r) B A x,    A: (r, in), B: (out, r)
+
+A starts random and B at zero, so at initialisation the model is exactly the base model, and only A
+and B (here fp32) are trained and kept by AdamW: for a 7B model at rank 16 on the seven projections of
+every block that is ~40M parameters instead of 7.6B. Saving merges W = W0 + (alpha / r) B A, so a
+checkpoint stays a plain Hugging Face folder; the adapters are also written on their own.
+
+Simplifications: no dropout on the adapter's input (the paper's experiments used none for GPT-3);
+biases, norms, embeddings and the output head stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus its trainable low-rank update (LoRA eq. 3)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # B A x, in fp32
+        return self.base(x) + (self.scale * update).to(x.dtype)  # LoRA eq. 3
+
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + (alpha / r) B A, in the base weight's dtype: (out, in)."""
+        delta = self.scale * (self.lora_B @ self.lora_A)
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS) -> list[nn.Parameter]:
+    """Freeze `model` and wrap every nn.Linear named in `targets` with a LoRALinear; returns the
+    adapter parameters (the only ones left trainable)."""
+    model.requires_grad_(False)
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+                wrapped += 1
+    if not wrapped:
+        raise ValueError(f"LoRA: no linear layer named {', '.join(targets)} in the model")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the model would have without adapters, each wrapped weight merged."""
+    merged = {name: m.merged_weight() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base.", ".")
+        state[key] = merged.get(key.removesuffix(".weight"), value) if key.endswith(".weight") else value
+    return state
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters: {'layers.0.attn.q_proj.lora_A': (r, in), ...}."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """What a reader of the saved adapters needs to rebuild them."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    rank = layers[0].lora_A.shape[0]
+    return {"r": rank, "lora_alpha": layers[0].scale * rank, "target_modules": names}
