@@ -40,6 +40,7 @@ from plumbing.checkpoints import (
     BestSoFar,
     TrainerState,
     load_adapters,
+    load_config,
     load_model,
     load_optimizer,
     save_checkpoint,
@@ -53,9 +54,11 @@ from plumbing.experiment import (
     demo_model,
     demo_tokenizer,
     load_task,
+    memory_plan,
     setup_distributed,
     trace_fidelity,
 )
+from plumbing.memory import device_bytes, fits
 from plumbing.readers import DataError
 from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
 from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
@@ -361,25 +364,35 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             fail(f"--resume {cfg.resume}: the examples differ from those the checkpoint was trained on (data "
                  f"fingerprint {task.fingerprint}, checkpoint {state.data_fingerprint}): has --data changed?")
         state.data_fingerprint = task.fingerprint
-        log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
         if cfg.resume or cfg.model:
             tok_dir = Path(cfg.resume or cfg.model)
             tok = Tokenizer(tok_dir)
-            if cfg.lora_rank and cfg.resume:  # the frozen base the adapters were trained on, then the adapters
-                model = with_lora(load_model(state.start_model, base_dtype, device), cfg)
-                load_adapters(cfg.resume, model)
-            else:
-                model = with_lora(load_model(tok_dir, base_dtype, device), cfg)
-            tok.check_fits(model.config.vocab_size, tok_dir)
+            # with LoRA a resumed run rebuilds the frozen base the adapters were trained on
+            base = state.start_model if cfg.lora_rank and cfg.resume else tok_dir
+            config = load_config(base)
+            tok.check_fits(config.vocab_size, tok_dir)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
             tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, dist.rank)
             dist.barrier()
             tok = Tokenizer(tok_dir)
             model = demo_model(tok.vocab_size, tok.turn_end_id, cfg.seed).to(device, dtype)
+            config = model.config
+        prompter = Prompter(tok, *prompt_settings(cfg, task.scale))
+        plan = memory_plan(cfg, config, prompter, task, dtype, compute, dist.world)  # before any weight loads
+        if dist.rank == 0:
+            print(plan.describe())
+        if cfg.dry_run:
+            return
+        if problem := fits(plan, device_bytes(device)):
+            fail(problem)
+        log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
+        if cfg.resume or cfg.model:
+            model = with_lora(load_model(base, base_dtype, device), cfg)
+            if cfg.lora_rank and cfg.resume:
+                load_adapters(cfg.resume, model)
     except (DataError, CheckpointError, OSError) as e:
         fail(str(e))
     model.gradient_checkpointing = cfg.grad_checkpointing
-    prompter = Prompter(tok, *prompt_settings(cfg, task.scale))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
     fidelity = trace_fidelity(cfg, task)

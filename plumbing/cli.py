@@ -138,6 +138,8 @@ class RunConfig:
                          choices=("last", "best"))
     save_every: int = option("checkpoint every N steps (and at the end)", 50, valid=at_least(1))
     sample_every: int = option("write a few sample completions every N steps", 10, valid=at_least(1))
+    dry_run: bool = option("print the memory plan (weights, gradients, AdamW, KV cache, activations) and exit "
+                           "before loading any weights", False)
     eval_only: bool = option("score --model (or --resume) on the test set and exit", False)
     resume: str | None = option("checkpoint directory to continue from (written by this script); flags not "
                                 "given are the checkpoint's, and only --steps, the evaluation and checkpoint "
@@ -185,7 +187,7 @@ def _defaults_text(f: dataclasses.Field) -> str:
 
 # Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
 # writes. Any other change alters what the run computes, so it needs --resume-override.
-SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only",
+SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only", "dry_run",
                   "resume", "resume_override")
 
 

@@ -18,6 +18,7 @@ from model import CheckpointError, ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_model
 from plumbing.cli import RunConfig, fail
+from plumbing.memory import MemoryPlan, plan_memory, prompt_length
 from plumbing.readers import load_ratings
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
@@ -149,6 +150,18 @@ def trace_fidelity(cfg: RunConfig, task: TaskData) -> TraceFidelity | None:
     if cfg.mode == "recone" and cfg.teacher == "heuristic" and not cfg.sft_traces:
         return TraceFidelity(HeuristicTeacher(), task.train)
     return None
+
+
+def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: TaskData, weight_dtype,
+                compute_dtype, world: int) -> MemoryPlan:
+    """The memory plan (plumbing/memory.py) of this run, per process, with the longest of its first
+    256 training prompts."""
+    return plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
+                       lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_targets.split(",")), beta=cfg.beta,
+                       rows=cfg.prompts_per_step // world * cfg.samples,
+                       prompt_tokens=prompt_length([prompter(e) for e in task.train[:256]]),
+                       new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
+                       grad_checkpointing=cfg.grad_checkpointing)
 
 
 # -----------------------------------------------------------------------------

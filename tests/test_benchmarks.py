@@ -96,3 +96,16 @@ def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
     start, final = run["rows"]["LLM after cold start"]["mae"], run["rows"]["LLM after GRPO"]["mae"]
     assert f"cold start: test MAE {start:.3f}" in printed and f"GRPO: test MAE {final:.3f}" in printed
     assert "6 test examples, step 2" in printed and "| the trace says: taste |" in printed
+
+
+def test_memory_table(capsys):
+    """The README's memory table: the three Qwen2.5 shapes have their published sizes, full fine-tuning
+    of 7B fits no single GPU, and LoRA with gradient checkpointing fits a 24 GB one."""
+    import memory_table
+
+    rows = {(name, variant): plan for name, variant, plan in memory_table.main([])}
+    sizes = {name: round(plan.parameters / 1e9, 2) for (name, variant), plan in rows.items() if "full" in variant}
+    assert sizes == {"Qwen2.5-0.5B": 0.49, "Qwen2.5-1.5B": 1.54, "Qwen2.5-7B": 7.62}
+    assert rows[("Qwen2.5-7B", "full fine-tuning (fp32 master weights)")].total > 141e9
+    assert rows[("Qwen2.5-7B", "--lora-rank 16 --grad-checkpointing")].total < 24e9
+    assert capsys.readouterr().out.count("| Qwen2.5-") == 15

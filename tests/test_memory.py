@@ -1,0 +1,113 @@
+"""Tests for plumbing/memory.py and --dry-run: the plan's exact parts equal the bytes a real step
+allocates, its activation estimate matches what autograd saves, and a run that cannot fit stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import grpo
+import lora
+import train
+from model import ModelConfig, Transformer
+from plumbing.memory import fits, plan_memory
+
+
+def one_step(model, micro_batch=4):
+    """One GRPO update on a random batch; returns the optimizer."""
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = grpo.RolloutBatch(ids, torch.tensor([6, 6, 5, 5]), torch.tensor([6, 4, 7, 3]),
+                              torch.zeros(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1]),
+                              torch.tensor([1.0, 0.0, 0.2, 0.9]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    grpo.grpo_update(model, opt, batch, grpo.GRPOConfig(micro_batch=micro_batch))
+    return opt
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_weights_gradients_and_adamw_are_the_bytes_a_step_allocates(rank):
+    """Full fine-tuning and LoRA: the plan's weights, gradients and AdamW moments equal the bytes of
+    the parameters, their .grad and the optimizer's state after a real step."""
+    model = tiny_model()
+    if rank:
+        lora.add_lora(model, rank, 8.0)
+    opt = one_step(model)
+    plan = plan_memory(model.config, weight_bytes=4, compute_bytes=4, lora_rank=rank, rows=8, prompt_tokens=6,
+                       new_tokens=7, micro_batch=4)
+    params = list(model.parameters())
+    assert plan.weights == nbytes(params)
+    assert plan.gradients == nbytes(p.grad for p in params if p.grad is not None)
+    assert plan.optimizer == nbytes(t for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert plan.trainable == sum(p.numel() for p in params if p.requires_grad) < (plan.parameters if rank else 10**9)
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward during one forward pass (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", [dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2),
+                                   dict(hidden_size=96, intermediate_size=384, num_heads=3, num_kv_heads=1,
+                                        head_dim=32, num_layers=3)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_matches_what_autograd_saves(shape, checkpointing):
+    """Within 5% of the bytes saved for backward, with and without gradient checkpointing."""
+    cfg = ModelConfig(**{"vocab_size": 200, "num_layers": 2, "head_dim": 16, **shape})
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    model.gradient_checkpointing = checkpointing
+    ids = torch.randint(0, 200, (3, 40))
+    plan = plan_memory(cfg, weight_bytes=4, compute_bytes=4, rows=3, prompt_tokens=30, new_tokens=10, micro_batch=3,
+                       grad_checkpointing=checkpointing)
+    measured = saved_activation_bytes(model, ids)
+    expected = plan.activations
+    if checkpointing:  # the plan also holds one block recomputed during backward, which forward never saves
+        one_block = plan_memory(ModelConfig(**{**cfg.__dict__, "num_layers": 1}), weight_bytes=4, compute_bytes=4,
+                                rows=3, prompt_tokens=30, new_tokens=10, micro_batch=3).activations
+        expected -= one_block - 3 * 40 * (2 * cfg.hidden_size + 2 * cfg.head_dim) * 4  # minus what is outside blocks
+    assert abs(expected - measured) <= 0.05 * measured, (expected, measured)
+
+
+def test_kv_cache_by_hand():
+    """2 (K and V) x 2 layers x 2 KV heads x 16 dims x 8 rows x (30 + 10) positions x 2 bytes."""
+    cfg = ModelConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    plan = plan_memory(cfg, weight_bytes=4, compute_bytes=2, rows=8, prompt_tokens=30, new_tokens=10, micro_batch=2)
+    assert plan.kv_cache == 2 * 2 * 2 * 16 * 8 * 40 * 2
+    assert fits(plan, plan.total) is None
+    assert "--lora-rank 16" in fits(plan, plan.total - 1)
+
+
+def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, capsys):
+    """--dry-run needs config.json and the tokenizer only: here the weights file is not even there."""
+    base = tmp_path / "base"
+    train.main(["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
+                "--steps", "0", "--threads", "1", "--out", str(base)])
+    (base / "cold_start" / "model.safetensors").unlink()
+    capsys.readouterr()
+    train.main(["--model", str(base / "cold_start"), "--dry-run", "--synthetic-users", "150", "--out",
+                str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "memory plan: 0.5M parameters" in out and "KV cache while sampling" in out
+
+
+def test_a_run_that_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "device_bytes", lambda device: 1024**2)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--synthetic-users", "150", "--threads", "1", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "the device has 0.0 GiB" in capsys.readouterr().err
