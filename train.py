@@ -25,6 +25,7 @@ import contextlib
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,7 +313,11 @@ class GracefulStop:
 
     @contextlib.contextmanager
     def installed(self):
-        """Route SIGINT and SIGTERM here while the block runs (main thread only)."""
+        """Route SIGINT and SIGTERM here while the block runs (signals reach the main thread only:
+        elsewhere, e.g. train.main called from a worker thread, nothing is installed)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
         old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self

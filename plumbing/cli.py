@@ -225,7 +225,7 @@ def _resume_values(given: dict, defaults: dict) -> dict:
     if changed:
         fail(f"--resume {given['resume']}: flags differ from the run that wrote it: {', '.join(changed)}. "
              "Start a new run, or name them in --resume-override to change them anyway")
-    if not values["eval_only"] and values["steps"] <= saved["step"]:
+    if not (values["eval_only"] or values["dry_run"]) and values["steps"] <= saved["step"]:
         fail(f"--steps {values['steps']}: the checkpoint is already at step {saved['step']}, so there is "
              "nothing to do; ask for more steps, or --eval-only to score it")
     return values

@@ -292,6 +292,7 @@ def test_resume_takes_the_checkpoints_flags_and_refuses_changes(tiny_run, tmp_pa
     assert "--synthetic-users 300 (checkpoint: 150)" in err and "--lr 0.5 (checkpoint: 0.0001)" in err
     assert parse_args(["--resume", ckpt, "--steps", "6", "--lr", "0.5", "--resume-override", "lr"]).lr == 0.5
     assert "--steps 4: the checkpoint is already at step 4" in refused(["--steps", "4"])
+    assert parse_args(["--resume", ckpt, "--dry-run"]).dry_run  # planning needs no more steps
     assert "no flag --bogus" in refused(["--steps", "6", "--resume-override", "bogus"])
 
 
