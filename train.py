@@ -14,6 +14,8 @@ Simplifications:
 - Every random draw of GRPO step s comes from generators seeded with (seed, s, rank), so a resumed run
   replays exactly what an uninterrupted one would: a checkpoint needs the model, the optimizer and
   the step.
+- Ctrl-C and SIGTERM are requests (GracefulStop): the SFT batch or GRPO step in progress finishes,
+  then a checkpoint is written that --resume continues from, in SFT or in GRPO.
 - Data parallel (torchrun) splits each step's prompts across ranks and sums the gradients of one
   globally normalised loss (so N ranks take the one-process step); rank 0 runs the cold start,
   evaluates, logs and saves. Evaluation is greedy on a fixed subset (`--eval-size`).
@@ -196,17 +198,18 @@ def diverged(msg: str):
 
 def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: TaskData, cfg: RunConfig,
                dist: Distributed, log: RunLog, state: TrainerState, fidelity: TraceFidelity | None = None,
-               stop: GracefulStop | None = None):
+               stop: GracefulStop | None = None, resume_from: Path | None = None):
     """The GRPO loop: one rollout and one update per step, periodic evaluation and checkpoints; when
-    `stop` is requested (Ctrl-C, SIGTERM) the step in progress finishes, is saved, and the run exits (130)."""
+    `stop` is requested (Ctrl-C, SIGTERM) the step in progress finishes, is saved, and the run exits (130).
+    resume_from: a checkpoint written during GRPO, whose AdamW moments the optimizer continues from."""
     device = model.embed_tokens.weight.device
     grpo_cfg = pick(grpo.GRPOConfig, cfg)
     sampling = pick(SamplingConfig, cfg, stop_ids=tok.stop_ids)
     reward_cfg = reward_config(cfg.reward, task.scale)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     out = Path(cfg.out)
-    if cfg.resume:
-        load_optimizer(Path(cfg.resume), opt)
+    if resume_from is not None:
+        load_optimizer(resume_from, opt)
     ref = None
     if cfg.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
         ref = load_model(state.start_model, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
@@ -369,6 +372,8 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             fail(f"--resume {cfg.resume}: the examples differ from those the checkpoint was trained on (data "
                  f"fingerprint {task.fingerprint}, checkpoint {state.data_fingerprint}): has --data changed?")
         state.data_fingerprint = task.fingerprint
+        # a checkpoint written during the cold start holds SFT's AdamW moments, not GRPO's
+        grpo_resume = Path(cfg.resume) if cfg.resume and state.sft_step is None else None
         if cfg.resume or cfg.model:
             tok_dir = Path(cfg.resume or cfg.model)
             tok = Tokenizer(tok_dir)
@@ -448,7 +453,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
                                                desc="test (before RL)", scale=task.scale))
     if state.step == 0 and dist.rank == 0:
         log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
-    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop)
+    train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop, grpo_resume)
     if dist.rank == 0:
         label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
         if cfg.select == "best" and state.best:  # the weights of the best validation MAE

@@ -322,7 +322,7 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
 
     from safetensors.torch import load_file
 
-    args = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "1"]
+    args = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "2"]
     train.main(args + ["--out", str(tmp_path / "whole")])
     real, calls = grpo.token_logprobs, []
 
@@ -345,6 +345,10 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert [r["mae"] for r in metrics(out, "test").values()] == \
         [r["mae"] for r in metrics(tmp_path / "whole", "test").values()]
+    # and GRPO after the resumed SFT starts from fresh AdamW moments, as in the uninterrupted run: step 2
+    # shows the first update
+    for key in ("loss", "grad_norm", "reward_mean"):
+        assert metrics(out)[2][key] == pytest.approx(metrics(tmp_path / "whole")[2][key], abs=1e-6), key
 
 
 def test_sigterm_during_grpo_finishes_the_step_saves_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, capsys):
