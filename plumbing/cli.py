@@ -182,7 +182,7 @@ def pick(cls, cfg: RunConfig, **extra):
 def _defaults_text(f: dataclasses.Field) -> str:
     demo = f.metadata["demo"]
     return f" (default: {f.default} / {demo})" if demo is not _UNSET else \
-        (f" (default: {f.default})" if f.default not in (None, False) else "")
+        (f" (default: {f.default})" if f.default is not None and f.default is not False else "")
 
 
 # Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
