@@ -273,11 +273,13 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", mae=f"{metrics['train_mae']:.2f}",
                         **({"signal": "none (all rewards in each group equal)"} if flat_steps else {}))
         if flat_steps == NO_SIGNAL_STEPS and metrics["format_valid"] == 0 and dist.rank == 0:
+            fix = ("the cold start did not teach it: more traces or SFT (--cold-start-size, --sft-epochs, "
+                   "--sft-lr)" if cfg.mode == "recone" else "RecZero needs a model that already follows the "
+                   "format instructions: use --mode recone (a cold start teaches the format) or a larger "
+                   "instruct model")
             tqdm.write(f"warning: {NO_SIGNAL_STEPS} steps without a single completion in the four-tag format: "
-                       "every reward is the format penalty, so GRPO has nothing to compare and the weights do "
-                       "not move. RecZero needs a model that already follows the format instructions: use "
-                       "--mode recone (a cold start teaches the format) or a larger instruct model.",
-                       file=sys.stderr)
+                       f"every reward is the format penalty, so GRPO has nothing to compare and the weights do "
+                       f"not move; {fix}.", file=sys.stderr)
         if state.step % cfg.sample_every == 0:
             log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
         if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
