@@ -28,15 +28,16 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus its trainable low-rank update (LoRA eq. 3)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.scale = alpha / rank
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        A = torch.empty(rank, base.in_features, dtype=torch.float32, device="meta" if device.type == "meta" else "cpu")
+        if device.type != "meta":  # drawn on the CPU from a seeded generator: the same adapters on any device
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # nn.Linear's own init, as PEFT does
+        self.lora_A = nn.Parameter(A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
@@ -49,15 +50,16 @@ class LoRALinear(nn.Module):
         return (self.base.weight.float() + delta).to(self.base.weight.dtype)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS) -> list[nn.Parameter]:
-    """Freeze `model` and wrap every nn.Linear named in `targets` with a LoRALinear; returns the
-    adapter parameters (the only ones left trainable)."""
+def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> list[nn.Parameter]:
+    """Freeze `model` and wrap every nn.Linear named in `targets` with a LoRALinear whose A is drawn
+    from a generator seeded with `seed`; returns the adapter parameters (the only ones left trainable)."""
+    generator = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     wrapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
+                setattr(parent, name, LoRALinear(child, rank, alpha, generator))
                 wrapped += 1
     if not wrapped:
         raise ValueError(f"LoRA: no linear layer named {', '.join(targets)} in the model")

@@ -49,7 +49,7 @@ from plumbing.checkpoints import (
     save_checkpoint,
     save_model,
 )
-from plumbing.cli import RunConfig, check_args, fail, parse_args, pick, prompt_settings
+from plumbing.cli import RunConfig, check_args, fail, lora_targets, parse_args, pick, prompt_settings
 from plumbing.experiment import (
     Distributed,
     TaskData,
@@ -123,7 +123,9 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or only LoRA's adapters
     opt = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     if resume_from is not None:
-        load_optimizer(resume_from, opt)  # also restores each group's initial_lr, which the schedule needs
+        load_optimizer(resume_from, opt)
+        for group in opt.param_groups:  # the schedule starts from initial_lr: this run's --sft-lr, not the saved one
+            group["initial_lr"] = cfg.sft_lr
     steps = cfg.sft_epochs * math.ceil(len(rows) / cfg.sft_batch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps), last_epoch=start - 1)
@@ -192,7 +194,8 @@ MAX_BAD_STEPS = 3  # consecutive non-finite steps before train_grpo stops the ru
 def diverged(msg: str):
     """Stop a run whose weights can no longer be trusted: nothing is saved, exit code 3."""
     tqdm.write(f"train.py: error: {msg} Nothing was saved after it; resume from the last checkpoint written "
-               "(if any) with a lower --lr.", file=sys.stderr)
+               "(if any) with a lower learning rate: --resume OUT/checkpoint --resume-override lr --lr ...",
+               file=sys.stderr)
     sys.exit(3)
 
 
@@ -210,6 +213,8 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
     out = Path(cfg.out)
     if resume_from is not None:
         load_optimizer(resume_from, opt)
+        for group in opt.param_groups:  # the saved groups carry the old lr; --resume-override lr must win
+            group["lr"] = cfg.lr
     ref = None
     if cfg.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
         ref = load_model(state.start_model, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
@@ -284,14 +289,18 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
             log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
         if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
             validate()
-        if (state.step % cfg.save_every == 0 or state.step == cfg.steps) and not bad_steps:
+        due = state.step % cfg.save_every == 0 or state.step == cfg.steps
+        if due and not bad_steps:
             save()  # never right after a non-finite step: the weights may be the cause
         stopping = float(stop is not None and stop.requested is not None)
         if dist.world > 1:  # every rank stops at the same step, or the others would wait forever
             stopping = dist.all_reduce(torch.tensor([stopping], device=device)).item()
-        if stopping:
-            tqdm.write(f"stopping at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
-            save()
+        if stopping and state.step < cfg.steps:  # at the last step the run simply finishes
+            if not bad_steps and not due:
+                tqdm.write(f"stopping at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
+                save()
+            else:
+                tqdm.write(f"stopping at step {state.step}", file=sys.stderr)
             dist.barrier()
             sys.exit(130)
     bar.close()
@@ -354,7 +363,7 @@ def main(argv=None):
 def with_lora(model, cfg: RunConfig):
     """`model` with LoRA adapters when --lora-rank > 0 (lora.py; everything else frozen), else unchanged."""
     if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(t.strip() for t in cfg.lora_targets.split(",")))
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg), seed=cfg.seed)
     return model
 
 
@@ -395,7 +404,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             print(plan.describe())
         if cfg.dry_run:
             return
-        if problem := fits(plan, device_bytes(device)):
+        if not cfg.eval_only and (problem := fits(plan, device_bytes(device))):  # scoring holds no gradients
             fail(problem)
         log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
         if cfg.resume or cfg.model:
@@ -423,7 +432,10 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             if dist.rank == 0:
                 save_traces(traces, Path(state.sft_traces))
         else:
-            traces = load_traces(state.sft_traces, task.train)
+            try:
+                traces = load_traces(state.sft_traces, task.train)
+            except (OSError, ValueError) as e:
+                fail(f"--resume {cfg.resume}: cannot read the cold start's traces: {e}")
 
         def save_sft(step: int, opt):
             tqdm.write(f"stopping in the cold-start SFT at batch {step}: saving {out / 'checkpoint'} "

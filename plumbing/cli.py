@@ -173,6 +173,11 @@ class RunConfig:
         return self.model is None
 
 
+def lora_targets(cfg: RunConfig) -> tuple[str, ...]:
+    """--lora-targets as layer names ("q_proj, v_proj" -> ("q_proj", "v_proj"))."""
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+
+
 def pick(cls, cfg: RunConfig, **extra):
     """An instance of the dataclass `cls` with each field that RunConfig also has taken from cfg."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -186,8 +191,9 @@ def _defaults_text(f: dataclasses.Field) -> str:
 
 
 # Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
-# writes. Any other change alters what the run computes, so it needs --resume-override.
-SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only", "dry_run",
+# writes, whether it recomputes activations. Any other change alters what the run computes: --resume-override.
+SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only",
+                  "dry_run", "grad_checkpointing",
                   "resume", "resume_override")
 
 
@@ -199,7 +205,7 @@ def saved_run(checkpoint: str) -> dict:
         fail(f"--resume {checkpoint}: no such checkpoint directory")
     try:
         saved = read_trainer_state(path)
-        return {"step": int(saved["step"]), "args": dict(saved["args"])}
+        return {"step": int(saved["step"]), "args": dict(saved["args"]), "in_sft": saved.get("sft_step") is not None}
     except CheckpointError as e:
         fail(str(e))
 
@@ -217,7 +223,7 @@ def _resume_values(given: dict, defaults: dict) -> dict:
     values, changed = {}, []
     for name, default in defaults.items():
         value, old = given[name], saved["args"].get(name, default)
-        if value is None or value is False:
+        if value is None:
             value = old
         elif value != old and name not in allowed:
             changed.append(f"--{name.replace('_', '-')} {value} (checkpoint: {old})")
@@ -225,7 +231,7 @@ def _resume_values(given: dict, defaults: dict) -> dict:
     if changed:
         fail(f"--resume {given['resume']}: flags differ from the run that wrote it: {', '.join(changed)}. "
              "Start a new run, or name them in --resume-override to change them anyway")
-    if not (values["eval_only"] or values["dry_run"]) and values["steps"] <= saved["step"]:
+    if not (values["eval_only"] or values["dry_run"] or saved["in_sft"]) and values["steps"] <= saved["step"]:
         fail(f"--steps {values['steps']}: the checkpoint is already at step {saved['step']}, so there is "
              "nothing to do; ask for more steps, or --eval-only to score it")
     return values
@@ -240,8 +246,8 @@ def parse_args(argv=None) -> RunConfig:
     types = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         name, kind = "--" + f.name.replace("_", "-"), types[f.name]
-        if kind is bool:
-            p.add_argument(name, action="store_true", help=f.metadata["help"])
+        if kind is bool:  # --x / --no-x, None when not given (so a resumed run can turn one off)
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
             continue
         base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
         p.add_argument(name, type=base, choices=f.metadata["choices"], default=None,
@@ -254,8 +260,7 @@ def parse_args(argv=None) -> RunConfig:
                 for f in dataclasses.fields(RunConfig)}
     if given["resume"]:
         return RunConfig(**_resume_values(given, defaults))
-    return RunConfig(**{name: default if given[name] is None or given[name] is False else given[name]
-                        for name, default in defaults.items()})
+    return RunConfig(**{name: default if given[name] is None else given[name] for name, default in defaults.items()})
 
 
 def fail(msg: str):
@@ -270,7 +275,8 @@ def check_args(cfg: RunConfig):
         fail("--data needs --data-format")
     if cfg.data_format and not cfg.data:
         fail("--data-format needs --data")
-    if cfg.teacher != "heuristic" and not (Path(cfg.teacher) / "config.json").exists():
+    # a resumed run never asks the teacher again: its traces are in the checkpoint's run
+    if cfg.teacher != "heuristic" and not cfg.resume and not (Path(cfg.teacher) / "config.json").exists():
         fail(f"--teacher {cfg.teacher}: not 'heuristic' or a checkpoint directory")
     for flag in ("model", "data", "meta", "sft_traces", "resume"):
         path = getattr(cfg, flag)
@@ -288,7 +294,7 @@ def check_args(cfg: RunConfig):
             fail(f"--{f.name.replace('_', '-')} {value}: must be {finite}{valid}{why}")
     if cfg.lora_rank and cfg.demo:
         fail("--lora-rank needs --model: LoRA adapts a pretrained model, and the demo's starts from random weights")
-    unknown = set(cfg.lora_targets.split(",")) - set(LORA_TARGETS)
+    unknown = set(lora_targets(cfg)) - set(LORA_TARGETS)
     if cfg.lora_rank and unknown:
         fail(f"--lora-targets: no layer {', '.join(sorted(unknown))}; choose from {', '.join(LORA_TARGETS)}")
     prompt_settings(cfg)  # the prompt flags too: a bad --history-fields or --system-prompt file

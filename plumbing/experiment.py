@@ -17,7 +17,7 @@ from data import Example, build_examples, count_duplicates, drop_duplicates, spl
 from model import CheckpointError, ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_model
-from plumbing.cli import RunConfig, fail
+from plumbing.cli import RunConfig, fail, lora_targets
 from plumbing.memory import MemoryPlan, plan_memory, prompt_length
 from plumbing.readers import load_ratings
 from plumbing.synthetic import SyntheticConfig, make_synthetic
@@ -157,7 +157,7 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
     """The memory plan (plumbing/memory.py) of this run, per process, with the longest of its first
     256 training prompts."""
     return plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
-                       lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_targets.split(",")), beta=cfg.beta,
+                       lora_rank=cfg.lora_rank, lora_targets=lora_targets(cfg), beta=cfg.beta,
                        rows=cfg.prompts_per_step // world * cfg.samples,
                        prompt_tokens=prompt_length([prompter(e) for e in task.train[:256]]),
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,

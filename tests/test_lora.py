@@ -93,11 +93,13 @@ def test_lora_checkpoint_loads_in_transformers_with_the_merged_logits(tmp_path):
     assert (hf(ids).logits[0] - full_logits(model, PROMPTS[2])).abs().max() <= 1e-4
 
 
-def test_a_lora_run_trains_adapters_and_resumes_exactly(tmp_path):
+def test_a_lora_run_trains_adapters_and_resumes_exactly(tmp_path, monkeypatch):
     """RecOne with --lora-rank on a (tiny, demo-trained) checkpoint: SFT and GRPO train adapters only,
     checkpoints are plain folders with the adapters beside them, and a resumed run takes the steps an
     uninterrupted one took."""
-    from test_train import TINY, metrics
+    from test_train import TINY, metrics, varied_rewards
+
+    varied_rewards(monkeypatch)
 
     base = tmp_path / "base"
     train.main(TINY + ["--out", str(base), "--steps", "1"])  # a "pretrained" model with our tokenizer
@@ -110,9 +112,23 @@ def test_a_lora_run_trains_adapters_and_resumes_exactly(tmp_path):
     a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
     assert sorted(b) == [1, 2, 3]
     for step in (2, 3):
+        assert a[step]["grad_norm"] > 0
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], abs=1e-6)
     ckpt = tmp_path / "whole" / "checkpoint"
     assert (ckpt / "adapter_model.safetensors").exists() and not lora.has_lora(load_model(ckpt))
     start, end = load_model(base / "cold_start"), load_model(ckpt)  # the merged weights did move
     assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), end.parameters()))
+
+
+def test_adapters_are_drawn_from_the_seed():
+    """The same seed gives the same A in every process (a run is reproducible from --seed), another differs."""
+    def first_a(seed):
+        model = tiny_model(0)
+        lora.add_lora(model, 4, 8.0, seed=seed)
+        return next(m for m in model.modules() if isinstance(m, lora.LoRALinear)).lora_A.detach().clone()
+
+    torch.manual_seed(123)  # the global generator must not matter
+    a = first_a(0)
+    torch.manual_seed(456)
+    assert torch.equal(a, first_a(0)) and not torch.equal(a, first_a(1))

@@ -27,11 +27,26 @@ def metrics(out: Path, stage="grpo") -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("stage") == stage}
 
 
+def varied_rewards(mp):
+    """The tiny demo model never writes the format, so every real reward is -0.5 and every gradient 0:
+    a comparison of resumed steps would compare zeros. These rewards differ within each group (a
+    deterministic function of the completion's text), so the steps really update the weights."""
+    from reczero import Reward
+
+    def reward(text, truth, cfg):
+        r = (sum(text.encode()) % 13) / 13
+        return Reward(r, 0.0, r, False, None)
+
+    mp.setattr(train, "compute_reward", reward)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted 4-step demo run, shared by the tests below."""
+    """One uninterrupted 4-step demo run, shared by the tests below (with varied_rewards)."""
     out = tmp_path_factory.mktemp("run") / "a"
-    train.main(TINY + ["--out", str(out), "--steps", "4", "--save-every", "2"])
+    with pytest.MonkeyPatch.context() as mp:
+        varied_rewards(mp)
+        train.main(TINY + ["--out", str(out), "--steps", "4", "--save-every", "2"])
     return out
 
 
@@ -48,14 +63,16 @@ def test_end_to_end_tiny_run(tiny_run):
     assert (tiny_run / "cold_start" / "model.safetensors").exists()
 
 
-def test_resume_replays_the_same_steps(tiny_run, tmp_path):
+def test_resume_replays_the_same_steps(tiny_run, tmp_path, monkeypatch):
     """Stopping after step 2 and resuming gives the metrics of steps 3 and 4 of the uninterrupted run."""
+    varied_rewards(monkeypatch)
     out = tmp_path / "b"
     train.main(TINY + ["--out", str(out), "--steps", "2"])
     train.main(TINY + ["--out", str(out), "--steps", "4", "--resume", str(out / "checkpoint")])
     a, b = metrics(tiny_run), metrics(out)
     assert sorted(b) == [1, 2, 3, 4]  # the resumed run's log continues, without duplicates
     for step in (3, 4):
+        assert a[step]["grad_norm"] > 0  # the steps compared really update the weights
         for key in ("reward_mean", "loss", "grad_norm", "response_length_mean"):
             assert a[step][key] == pytest.approx(b[step][key], abs=1e-6), (step, key)
     ea, eb = metrics(tiny_run, "eval"), metrics(out, "eval")
@@ -322,6 +339,7 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
 
     from safetensors.torch import load_file
 
+    varied_rewards(monkeypatch)
     args = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "2"]
     train.main(args + ["--out", str(tmp_path / "whole")])
     real, calls = grpo.token_logprobs, []
@@ -347,6 +365,7 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
         [r["mae"] for r in metrics(tmp_path / "whole", "test").values()]
     # and GRPO after the resumed SFT starts from fresh AdamW moments, as in the uninterrupted run: step 2
     # shows the first update
+    assert metrics(out)[2]["grad_norm"] > 0
     for key in ("loss", "grad_norm", "reward_mean"):
         assert metrics(out)[2][key] == pytest.approx(metrics(tmp_path / "whole")[2][key], abs=1e-6), key
 
@@ -357,6 +376,7 @@ def test_sigterm_during_grpo_finishes_the_step_saves_and_resumes_exactly(tiny_ru
     import os
     import signal
 
+    varied_rewards(monkeypatch)
     real, calls = grpo.grpo_update, []
 
     def signalled(*a, **k):
@@ -376,7 +396,9 @@ def test_sigterm_during_grpo_finishes_the_step_saves_and_resumes_exactly(tiny_ru
     a, b = metrics(tiny_run), metrics(out)
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
+        assert a[step]["grad_norm"] > 0
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], abs=1e-6)
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path, capsys):
@@ -470,3 +492,65 @@ def test_checkpoint_housekeeping(tiny_run, tmp_path, monkeypatch, capsys):
     assert "optimizer.safetensors: missing" in resumed_error(lambda d: (d / "optimizer.safetensors").unlink())
     cut = resumed_error(lambda d: (d / "trainer_state.json").write_text('{"step": 4, "cold'))
     assert "trainer_state.json: unreadable, so the checkpoint is incomplete" in cut
+
+
+def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
+    """--resume-override lr sets the optimizer's lr (the saved param groups used to win); a boolean flag
+    can be turned off on resume; --eval-only is not refused for the memory a training step would need;
+    a stop requested at the last step lets the run finish its results."""
+    import shutil
+
+    from plumbing.cli import parse_args
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(tiny_run / "checkpoint", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["args"]["drop_truncated"] = True
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert parse_args(["--resume", str(ckpt), "--steps", "5"]).drop_truncated is True
+    assert parse_args(["--resume", str(ckpt), "--steps", "5", "--no-drop-truncated",
+                       "--resume-override", "drop_truncated"]).drop_truncated is False
+
+    seen = []
+    real = grpo.grpo_update
+    monkeypatch.setattr(grpo, "grpo_update", lambda m, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or
+                        real(m, opt, *a, **k))
+    train.main(["--resume", str(tiny_run / "checkpoint"), "--steps", "5", "--lr", "0.25", "--resume-override", "lr",
+                "--out", str(tmp_path / "o")])
+    assert seen == [0.25]
+
+    monkeypatch.setattr(train, "device_bytes", lambda device: 1024**2)  # far too small to train
+    train.main(["--resume", str(tiny_run / "checkpoint"), "--eval-only", "--out", str(tmp_path / "e")])
+    assert "| model" in capsys.readouterr().out
+
+
+def test_a_stop_at_the_last_step_still_writes_the_results(tmp_path, monkeypatch):
+    real = train.GracefulStop.installed
+
+    def requested(self):
+        self.requested = "SIGTERM"
+        return real(self)
+
+    monkeypatch.setattr(train.GracefulStop, "installed", requested)
+    train.main(TINY + ["--mode", "reczero", "--steps", "1", "--out", str(tmp_path)])  # stop asked all along
+    assert (tmp_path / "results.md").exists()
+
+
+def test_an_sft_only_run_stopped_in_the_cold_start_resumes(tmp_path, monkeypatch):
+    """--steps 0 (cold start only), stopped mid-SFT: the checkpoint is at GRPO step 0, which is not
+    'nothing to do' while the SFT is unfinished."""
+    from plumbing.cli import parse_args
+
+    out = tmp_path / "s0"
+    real, calls = grpo.token_logprobs, []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), __import__("signal").SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(grpo, "token_logprobs", stop_second)
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--sft-epochs", "2", "--sft-batch", "4", "--steps", "0", "--out", str(out)])
+    assert parse_args(["--resume", str(out / "checkpoint")]).steps == 0
