@@ -148,7 +148,7 @@ def trace_fidelity(cfg: RunConfig, task: TaskData) -> TraceFidelity | None:
     """When the heuristic teacher wrote the cold-start traces, a scorer of how far the model's traces
     agree with it (see teachers.TraceFidelity); None otherwise."""
     if cfg.mode == "recone" and cfg.teacher == "heuristic" and not cfg.sft_traces:
-        return TraceFidelity(HeuristicTeacher(), task.train)
+        return TraceFidelity(HeuristicTeacher(), task.train, task.scale)
     return None
 
 

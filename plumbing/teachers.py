@@ -140,11 +140,12 @@ _USER_LINE = re.compile(rf"The user ({_TASTE_WORDS}) (.+?)(?: \(no earlier .*?\)
 _RECEPTION_LINE = re.compile(rf"({'|'.join(RECEPTION[0])}) by others")
 
 
-def read_judgement(text: str) -> Judgement:
-    """The decisive fields of a trace written in the heuristic teacher's format (any text is accepted)."""
+def read_judgement(text: str, scale: tuple[float, float] = RATING_SCALE) -> Judgement:
+    """The decisive fields of a trace written in the heuristic teacher's format (any text is accepted);
+    the rating as parse_output reads it on the data's `scale`."""
     user, item = _USER_LINE.search(text), _RECEPTION_LINE.search(text)
     return Judgement(user.group(2) if user else None, user.group(1) if user else None,
-                     item.group(1) if item else None, parse_output(text).rating)
+                     item.group(1) if item else None, parse_output(text, scale).rating)
 
 
 @dataclass
@@ -168,8 +169,8 @@ class TraceFidelity:
     two judgements say about the rating in this data, so a rating that follows its own reasoning
     (right or wrong words) counts as consistent and one that ignores it does not."""
 
-    def __init__(self, teacher: HeuristicTeacher, train: list[Example]):
-        self.teacher = teacher
+    def __init__(self, teacher: HeuristicTeacher, train: list[Example], scale: tuple[float, float] = RATING_SCALE):
+        self.teacher, self.scale = teacher, scale
         ratings: dict[tuple[str, str], list[float]] = {}
         for ex in train:
             j = teacher.judge(ex)
@@ -180,7 +181,7 @@ class TraceFidelity:
         agree = {"category": 0, "taste": 0, "reception": 0, "rating": 0}
         consistent = 0
         for ex, text in zip(examples, texts):
-            own, ref = read_judgement(text), self.teacher.judge(ex)
+            own, ref = read_judgement(text, self.scale), self.teacher.judge(ex)
             for field in agree:
                 agree[field] += getattr(own, field) == getattr(ref, field)
             implied = self.implied.get((own.taste, own.reception))

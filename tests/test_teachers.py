@@ -217,3 +217,11 @@ def test_implied_ratings_are_medians_of_the_training_truth():
     train = [hand_example("Drama", [4, 5], 3.9, y) for y in (3, 5, 5, 4, 5)] + [hand_example("Drama", [3, 4], 3.0, 2)]
     fidelity = TraceFidelity(HeuristicTeacher(), train)
     assert fidelity.implied == {("loves", "acclaimed"): 5.0, ("likes", "mixed"): 2.0}
+
+
+def test_judgement_reads_the_rating_on_the_data_scale():
+    """On a 0.5-5 scale (MovieLens 20M) a trace ending at 0.5 has a rating; on 1-5 it has none."""
+    trace = ("<analyze user>The user hates Drama; a strict rater.</analyze user><analyze item>A Drama item, "
+             "panned by others.</analyze item><match>The user hates Drama; the item is panned.</match><rate>0.5</rate>")
+    assert read_judgement(trace).rating is None
+    assert read_judgement(trace, (0.5, 5.0)) == Judgement("Drama", "hates", "panned", 0.5)
