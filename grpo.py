@@ -414,7 +414,9 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
             break
         optimizer.step()
     # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
-    weights_finite = float(all(bool(torch.isfinite(p).all()) for p in params)) if passes and not skipped else 1.0
+    weights_finite = 1.0
+    if passes and not skipped:  # one device sync for all tensors, not one per tensor
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in params]).all().float().item()
     n_tok = max(int(mask.sum()), 1)
     metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
     for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):

@@ -124,8 +124,8 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
     opt = torch.optim.AdamW(trained, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     if resume_from is not None:
         load_optimizer(resume_from, opt)
-        for group in opt.param_groups:  # the schedule starts from initial_lr: this run's --sft-lr, not the saved one
-            group["initial_lr"] = cfg.sft_lr
+    for group in opt.param_groups:  # the schedule scales initial_lr; a resumed one starts at batch `start`
+        group["initial_lr"] = cfg.sft_lr
     steps = cfg.sft_epochs * math.ceil(len(rows) / cfg.sft_batch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / (0.1 * steps + 1)) * max(0.0, 1 - s / steps), last_epoch=start - 1)
@@ -213,8 +213,6 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
     out = Path(cfg.out)
     if resume_from is not None:
         load_optimizer(resume_from, opt)
-        for group in opt.param_groups:  # the saved groups carry the old lr; --resume-override lr must win
-            group["lr"] = cfg.lr
     ref = None
     if cfg.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
         ref = load_model(state.start_model, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(

@@ -236,29 +236,28 @@ def load_adapters(path, model) -> None:
     """Load adapter_model.safetensors (written by save_model for a model with LoRA) into `model`,
     whose adapters must have the same names and shapes."""
     f = Path(path) / "adapter_model.safetensors"
-    if not f.exists():
-        raise CheckpointError(f"{f}: missing (a --lora-rank run needs the adapters it trained)")
-    try:
-        saved = load_file(str(f))
-    except SafetensorError as e:
-        raise _unreadable(f, e) from None
+    saved = _read_tensors(f, "a --lora-rank run needs the adapters it trained")
     own = lora.adapter_state_dict(model)
     if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{f}: adapters do not match --lora-rank / --lora-targets of this run")
     model.load_state_dict(saved, strict=False)
 
 
-def load_optimizer(path: Path, optimizer) -> None:
-    """Restore AdamW moments and param groups written by save_checkpoint (no pickle involved)."""
-    state, f = {}, Path(path) / "optimizer.safetensors"
+def _read_tensors(f: Path, why_needed: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a training checkpoint; missing or cut is a CheckpointError naming it."""
     if not f.exists():
-        raise CheckpointError(f"{f}: missing, so the checkpoint is incomplete (weights without AdamW's state)")
+        raise CheckpointError(f"{f}: missing, so the checkpoint is incomplete ({why_needed})")
     try:
-        tensors = load_file(str(f))
+        return load_file(str(f))
     except SafetensorError as e:
         raise _unreadable(f, e) from None
-    for key, value in tensors.items():
+
+
+def load_optimizer(path: Path, optimizer) -> None:
+    """Restore the AdamW moments written by save_checkpoint (no pickle involved). The optimizer keeps its
+    own hyper-parameters (lr, betas): they come from this run's flags, so --resume-override lr applies."""
+    state = {}
+    for key, value in _read_tensors(Path(path) / "optimizer.safetensors", "weights without AdamW's state").items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = value
-    groups = read_trainer_state(path)["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

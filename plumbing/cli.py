@@ -210,10 +210,9 @@ def saved_run(checkpoint: str) -> dict:
         fail(str(e))
 
 
-def _resume_values(given: dict, defaults: dict) -> dict:
+def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
     """--resume: every flag not given is the checkpoint's; a given flag that differs from it must be
-    safe to change (SAFE_ON_RESUME) or named in --resume-override."""
-    saved = saved_run(given["resume"])
+    safe to change (SAFE_ON_RESUME) or named in --resume-override. `saved`: saved_run's answer."""
     allowed = set(SAFE_ON_RESUME)
     for name in (given["resume_override"] or "").split(","):
         name = name.strip().lstrip("-").replace("-", "_")
@@ -255,11 +254,12 @@ def parse_args(argv=None) -> RunConfig:
     given = vars(p.parse_args(argv))
     if given["resume_override"] and not given["resume"]:
         fail("--resume-override needs --resume")
-    demo = (given["model"] is None) if not given["resume"] else saved_run(given["resume"])["args"].get("model") is None
+    saved = saved_run(given["resume"]) if given["resume"] else None
+    demo = (saved["args"] if saved else given).get("model") is None
     defaults = {f.name: f.metadata["demo"] if demo and f.metadata["demo"] is not _UNSET else f.default
                 for f in dataclasses.fields(RunConfig)}
-    if given["resume"]:
-        return RunConfig(**_resume_values(given, defaults))
+    if saved:
+        return RunConfig(**_resume_values(given, saved, defaults))
     return RunConfig(**{name: default if given[name] is None else given[name] for name, default in defaults.items()})
 
 
