@@ -97,7 +97,7 @@ def test_a_lora_run_trains_adapters_and_resumes_exactly(tmp_path, monkeypatch):
     """RecOne with --lora-rank on a (tiny, demo-trained) checkpoint: SFT and GRPO train adapters only,
     checkpoints are plain folders with the adapters beside them, and a resumed run takes the steps an
     uninterrupted one took."""
-    from test_train import TINY, metrics, varied_rewards
+    from tiny_runs import TINY, metrics, varied_rewards
 
     varied_rewards(monkeypatch)
 
