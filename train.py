@@ -415,12 +415,16 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
     fidelity = trace_fidelity(cfg, task)
+
+    def score_test(model, desc: str, fidelity=None) -> RatingMetrics:  # greedy decoding scored on the test split
+        return evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc=desc,
+                        fidelity=fidelity, scale=task.scale)
+
     rows = baseline_rows(task.baselines, task.test, fidelity)
     for name, m in rows:
         log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
-        rows.append(("model", evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test",
-                                        scale=task.scale)))
+        rows.append(("model", score_test(model, "test")))
         print(results_table(rows))
         return
     if cfg.mode == "recone" and (not cfg.resume or state.sft_step is not None):
@@ -452,8 +456,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         model.gradient_checkpointing = cfg.grad_checkpointing
         state.start_model = str(out / "cold_start")
         if dist.rank == 0:
-            state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
-                                               desc="test (cold start)", fidelity=fidelity, scale=task.scale))
+            state.cold_start = asdict(score_test(model, "test (cold start)", fidelity))
     elif not cfg.resume:
         if cfg.demo:  # random starting weights are on no disk: save them, the KL reference for --beta > 0
             if dist.rank == 0:
@@ -461,8 +464,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             dist.barrier()
             state.start_model = str(out / "start")
         if dist.rank == 0:
-            state.cold_start = asdict(evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens,
-                                               desc="test (before RL)", scale=task.scale))
+            state.cold_start = asdict(score_test(model, "test (before RL)"))
     if state.step == 0 and dist.rank == 0:
         log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
     train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop, grpo_resume)
@@ -472,8 +474,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             step = state.best.step
             model = load_model(state.best.path, dtype, device)
             label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
-        final = evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc="test (GRPO)",
-                         fidelity=fidelity, scale=task.scale)
+        final = score_test(model, "test (GRPO)", fidelity)
         log({"stage": "test", "step": step, **asdict(final)})
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]

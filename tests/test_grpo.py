@@ -406,7 +406,7 @@ def test_grpo_learns_to_emit_token_7():
             batch = rollout_from_generation(prompts, gen, rewards, pad_id=eos)
             metrics = grpo_update(policy, opt, batch, grpo_cfg)
             rewards_seen.append(metrics["reward_mean"])
-            assert metrics["sampler_logp_absdiff"] < 1e-4  # sampled and scored alike (pitfall 2)
+            assert metrics["sampler_logp_absdiff"] < 1e-4  # the sampler and the trainer score tokens alike
             if min(rewards_seen[-3:]) > 0.9:
                 break
     finally:
