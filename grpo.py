@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from model import Generation, SamplingConfig, generate, right_pad
@@ -360,6 +361,23 @@ def _micro_batch_step(policy, ids, mask, weights, adv, old, ref, sampler_logp, c
     return {k: v.sum().item() for k, v in stats.items()}
 
 
+def sum_gradients(params, all_reduce) -> None:
+    """Data parallel: each rank holds the gradient of its part of one sum-normalised loss; add the
+    parts (`all_reduce`: an in-place sum over ranks). FSDP's backward has already summed the
+    gradients of sharded parameters (DTensors), so those are left alone."""
+    for p in params:
+        if isinstance(p, DTensor):
+            continue
+        if p.grad is None:  # a rank may not have touched every parameter; it must still join
+            p.grad = torch.zeros_like(p)
+        all_reduce(p.grad)
+
+
+def _scalar(t: torch.Tensor) -> float:
+    # under FSDP the grad norm is a DTensor of per-shard parts; full_tensor() combines them
+    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+
 def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None,
                 all_reduce=None) -> dict[str, float]:
     """Steps 3-7 on one rollout batch: cfg.mu optimizer steps; returns averaged metrics (verl's names).
@@ -371,7 +389,9 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
     sampler_logp_absdiff is reported only when the batch carries the sampler's log-probs.
     Data parallel: each rank passes its own groups and `all_reduce` (an in-place sum over ranks);
     normalisers are then global and gradients are summed before clipping, so N ranks take exactly
-    the step one process would take on all the groups.
+    the step one process would take on all the groups. With FSDP (the policy sharded by
+    plumbing/parallel.py) the backward pass sums the gradients itself; all_reduce then only makes the
+    counts global and combines the ranks' finiteness checks.
     """
     assert cfg.beta == 0 or ref_policy is not None, "beta > 0 needs a reference policy"
     assert cfg.loss_agg in LOSS_AGG_MODES, cfg.loss_agg
@@ -400,12 +420,9 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         # Step 7: one optimizer step on the accumulated gradient
-        if all_reduce is not None:  # each rank holds part of one sum-normalised loss: add the parts
-            for p in params:
-                if p.grad is None:  # a rank may not have touched every parameter; it must still join
-                    p.grad = torch.zeros_like(p)
-                all_reduce(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        if all_reduce is not None:
+            sum_gradients(params, all_reduce)
+        grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
         passes += 1
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
@@ -416,7 +433,9 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
     # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
     weights_finite = 1.0
     if passes and not skipped:  # one device sync for all tensors, not one per tensor
-        weights_finite = torch.stack([torch.isfinite(p).all() for p in params]).all().float().item()
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]  # FSDP: this rank's shards
+        bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+        weights_finite = float(_scalar(all_reduce(bad) if all_reduce is not None else bad) == 0)
     n_tok = max(int(mask.sum()), 1)
     metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
     for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):

@@ -44,11 +44,6 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # B A x, in fp32
         return self.base(x) + (self.scale * update).to(x.dtype)  # LoRA eq. 3
 
-    def merged_weight(self) -> torch.Tensor:
-        """W0 + (alpha / r) B A, in the base weight's dtype: (out, in)."""
-        delta = self.scale * (self.lora_B @ self.lora_A)
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
-
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> list[nn.Parameter]:
     """Freeze `model` and wrap every nn.Linear named in `targets` with a LoRALinear whose A is drawn
@@ -70,21 +65,24 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict the model would have without adapters, each wrapped weight merged."""
-    merged = {name: m.merged_weight() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    state = {}
-    for key, value in model.state_dict().items():
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """From the state dict of a model with adapters (scale = alpha / r), the one it would have
+    without them: every wrapped weight merged, W0 + scale B A (LoRA eq. 3), in W0's dtype."""
+    merged = {}
+    for key, value in state.items():
         if ".lora_" in key:
             continue
-        key = key.replace(".base.", ".")
-        state[key] = merged.get(key.removesuffix(".weight"), value) if key.endswith(".weight") else value
-    return state
+        if key.endswith(".base.weight"):
+            prefix = key.removesuffix("base.weight")
+            delta = scale * (state[prefix + "lora_B"].float() @ state[prefix + "lora_A"].float())
+            value = (value.float() + delta).to(value.dtype)
+        merged[key.replace(".base.", ".")] = value
+    return merged
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters: {'layers.0.attn.q_proj.lora_A': (r, in), ...}."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+def adapter_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the adapters of a state dict: {'layers.0.self_attn.q_proj.lora_A': (r, in), ...}."""
+    return {k: v for k, v in state.items() if ".lora_" in k}
 
 
 def adapter_config(model: nn.Module) -> dict:

@@ -201,12 +201,13 @@ class Attention(nn.Module):
         if cfg.arch == "qwen3":  # Qwen3 normalises each head's q and k before RoPE
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv=None, cache_pos=None, mask=None, prefix=None, kv_out=None):
+    def forward(self, x, cos, sin, kv=None, cache_pos=None, mask=None, prefix=None, return_kv=False):
         """x (B, T, C); cos/sin (B, 1, T, hd). kv: (k_cache, v_cache) each (B, nkv, S, hd).
         cache_pos None: prefill (write cache positions 0..T-1, causal); else decode (T == 1: row b
         writes its token at cache position cache_pos[b]). prefix: (k, v) (B, nkv, S, hd) attended
-        before x (shared-prompt training); kv_out: a list that receives this call's (k, v), so a
-        prompt pass can serve as the prefix of its completions."""
+        before x (shared-prompt training). return_kv: also return this call's (k, v), so a prompt
+        pass can serve as the prefix of its completions (returned, not appended to a list the caller
+        passes in: FSDP's hooks rebuild argument containers, and an appended item would be lost)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -215,8 +216,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if kv_out is not None:
-            kv_out.append((k, v))
+        new_kv = (k, v)
         if prefix is not None:
             k, v = torch.cat((prefix[0], k), 2), torch.cat((prefix[1], v), 2)
         if kv is not None:
@@ -230,7 +230,8 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.nh != self.nkv)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return (out, new_kv) if return_kv else out
 
 
 class MLP(nn.Module):
@@ -256,9 +257,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv=None, cache_pos=None, mask=None, prefix=None, kv_out=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, cache_pos, mask, prefix, kv_out)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv=None, cache_pos=None, mask=None, prefix=None, return_kv=False):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv, cache_pos, mask, prefix, return_kv)
+        a, new_kv = a if return_kv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, new_kv) if return_kv else x
 
 
 class Transformer(nn.Module):
@@ -308,23 +312,27 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, ids: torch.Tensor, positions=None, kv_cache=None, cache_pos=None, mask=None,
-                prefix=None, kv_out=None):
+                prefix=None, return_kv=False):
         """ids (B, T) -> hidden (B, T, C). Without a cache: causal attention over right-padded rows
         starting at position 0. With `kv_cache` (a KVCache) see generate(); `prefix` (a per-layer
-        list) and `kv_out` are used by forward_grouped()."""
+        list of (k, v)) and return_kv (then returns (hidden, that list)) are used by forward_grouped()."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.embed_tokens(ids)
         cos, sin = self.rope(positions, x.dtype)
+        kvs = []
         for i, layer in enumerate(self.layers):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            args = (x, cos, sin, kv, cache_pos, mask, None if prefix is None else prefix[i], kv_out)
+            args = (x, cos, sin, kv, cache_pos, mask, None if prefix is None else prefix[i], return_kv)
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
-        return self.norm(x)
+            if return_kv:
+                x, layer_kv = x
+                kvs.append(layer_kv)
+        return (self.norm(x), kvs) if return_kv else self.norm(x)
 
     def forward_grouped(self, prompt_ids, prompt_lens, completion_ids, prompt_index):
         """Training forward in which the G completions of a prompt share one pass over that prompt.
@@ -335,8 +343,9 @@ class Transformer(nn.Module):
         and h (N, Tc, C), where h[:, j] predicts completion token j + 1. Exactly equal to running each
         prompt + completion row on its own, with G times less work on the prompt.
         """
-        prompt_kv: list = []
-        hp = self(prompt_ids, kv_out=prompt_kv)  # (P, Tp, C); per layer (k, v) of shape (P, nkv, Tp, hd)
+        # self.forward, not self(): under FSDP this method is itself the hooked entry point
+        # (plumbing/parallel.py), and a nested hooked call would free the weights on its way out
+        hp, prompt_kv = self.forward(prompt_ids, return_kv=True)  # (P, Tp, C); per layer (k, v) (P, nkv, Tp, hd)
         P, Tp = prompt_ids.shape
         h_last = hp[torch.arange(P, device=hp.device), prompt_lens - 1]
         prefix = [(k[prompt_index], v[prompt_index]) for k, v in prompt_kv]  # (N, nkv, Tp, hd), keeps grad
@@ -346,7 +355,7 @@ class Transformer(nn.Module):
         seen_prompt = torch.arange(Tp, device=lens.device)[None, None, :] < lens[:, None, None]  # (N, 1, Tp)
         causal = torch.ones(Tc, Tc, dtype=torch.bool, device=lens.device).tril()
         mask = torch.cat((seen_prompt.expand(N, Tc, Tp), causal.expand(N, Tc, Tc)), -1)[:, None]
-        return h_last, self(completion_ids, positions=positions, mask=mask, prefix=prefix)
+        return h_last, self.forward(completion_ids, positions=positions, mask=mask, prefix=prefix)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

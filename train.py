@@ -51,17 +51,16 @@ from plumbing.checkpoints import (
 )
 from plumbing.cli import RunConfig, check_args, fail, lora_targets, parse_args, pick, prompt_settings
 from plumbing.experiment import (
-    Distributed,
     TaskData,
     cold_start_traces,
     demo_model,
     demo_tokenizer,
     load_task,
     memory_plan,
-    setup_distributed,
     trace_fidelity,
 )
 from plumbing.memory import device_bytes, fits
+from plumbing.parallel import Distributed, gathered, setup_distributed, shard
 from plumbing.readers import DataError
 from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
 from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
@@ -91,9 +90,10 @@ def sft_row(prompter: Prompter, trace: Trace) -> tuple[list[int], list[int]]:
 
 
 def sft_loss(model, rows: list[tuple[list[int], list[int]]], n_trace: int, n_prompt: int, prompt_weight: float,
-             pad_id: int, device) -> float:
+             pad_id: int, device, weight: float = 1.0) -> float:
     """Backpropagate one micro-batch's share of the SFT loss: the next-token NLL summed over its trace
-    tokens / n_trace (+ prompt_weight x the same over prompt tokens / n_prompt); returns that share."""
+    tokens / n_trace (+ prompt_weight x the same over prompt tokens / n_prompt); returns that share.
+    weight 0 runs the passes for nothing (FSDP: a rank whose share of the batch has run out)."""
     ids, _ = right_pad([p + c for p, c in rows], pad_id, device)
     plens = torch.tensor([len(p) for p, _ in rows], device=device)
     clens = torch.tensor([len(c) for _, c in rows], device=device)
@@ -104,18 +104,21 @@ def sft_loss(model, rows: list[tuple[list[int], list[int]]], n_trace: int, n_pro
     loss = -(logp * trace_mask).sum() / n_trace  # mean next-token NLL over the batch's trace tokens
     if prompt_weight > 0:
         loss = loss - prompt_weight * (logp * prompt_mask).sum() / n_prompt
-    loss.backward()
-    return loss.item()
+    (loss * weight).backward()
+    return loss.item() * weight
 
 
 def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lambda record: None,
-        start: int = 0, resume_from: Path | None = None, stop: GracefulStop | None = None, save=None) -> None:
+        start: int = 0, resume_from: Path | None = None, stop: GracefulStop | None = None, save=None,
+        dist: Distributed = Distributed()) -> None:
     """Teacher-forced cross-entropy on the completion tokens of each trace (see sft_row), plus
     cfg.sft_prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay.
 
     Resumable: `start` batches are skipped (the same seeded order is replayed) after AdamW's moments
     and schedule are restored from `resume_from`. When `stop` is requested (Ctrl-C, SIGTERM), the
-    batch in progress finishes, save(step, optimizer) writes a checkpoint and the run exits (130)."""
+    batch in progress finishes, save(step, optimizer) writes a checkpoint and the run exits (130).
+    Under torchrun every rank takes every dist.world-th row of each batch and the gradients are summed,
+    so N ranks take the one-process step."""
     if not traces:
         raise ValueError("sft: no traces to train on")
     tok = prompter.tok
@@ -132,7 +135,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
     rng = np.random.default_rng(cfg.seed + 1)
     device = model.embed_tokens.weight.device
     model.train()
-    bar = tqdm(total=steps, initial=start, desc="cold-start SFT")
+    bar = tqdm(total=steps, initial=start, desc="cold-start SFT", disable=dist.rank != 0)
     step = 0
     for epoch in range(cfg.sft_epochs):
         order = rng.permutation(len(rows))  # drawn for every epoch, so a resumed run sees the same order
@@ -145,17 +148,25 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
             n_trace = sum(len(c) for _, c in batch)
             n_prompt = sum(len(p) - 1 for p, _ in batch)
             opt.zero_grad(set_to_none=True)
+            mine = batch[dist.rank::dist.world]
+            # the same number of passes on every rank (a sharded model gathers weights in each one):
+            # a rank whose rows have run out repeats a row with weight 0
+            passes = math.ceil(math.ceil(len(batch) / dist.world) / cfg.micro_batch)
             loss = 0.0
-            for k in range(0, len(batch), cfg.micro_batch):
-                loss += sft_loss(model, batch[k:k + cfg.micro_batch], n_trace, n_prompt, cfg.sft_prompt_weight,
-                                 tok.pad_id, device)
+            for k in range(0, passes * cfg.micro_batch, cfg.micro_batch):
+                micro = mine[k:k + cfg.micro_batch]
+                loss += sft_loss(model, micro or batch[:1], n_trace, n_prompt, cfg.sft_prompt_weight,
+                                 tok.pad_id, device, weight=1.0 if micro else 0.0)
+            if dist.world > 1:
+                grpo.sum_gradients(trained, dist.all_reduce)
+                loss = dist.sum(loss)
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
-            if stop is not None and stop.requested and save is not None:
+            if stopping(stop, dist) and save is not None:
                 bar.close()
                 if i + cfg.sft_batch >= len(rows):  # the epoch's last batch: its record is due now
                     log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
@@ -215,25 +226,27 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
         load_optimizer(resume_from, opt)
     ref = None
     if cfg.beta > 0:  # the frozen starting point: the cold-start checkpoint or the given model
-        ref = load_model(state.start_model, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
-            device.type) else model.embed_tokens.weight.dtype, device).requires_grad_(False)
+        ref_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
+            device.type) else model.embed_tokens.weight.dtype
+        ref = distribute(load_model(state.start_model, ref_dtype, "cpu" if dist.fsdp else device), dist,
+                         ref_dtype).requires_grad_(False)
     per_rank = cfg.prompts_per_step // dist.world
     all_reduce = dist.all_reduce if dist.world > 1 else None
 
-    def save():
-        if dist.rank == 0:
-            save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
+    def save():  # every rank calls it (a sharded model is gathered); rank 0 writes
+        save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
 
-    def validate():
+    def validate():  # on every rank, each decoding its share; all get the same metrics
         m = evaluate(model, tok, prompter, task.valid, task.fallback, cfg.max_new_tokens, desc="valid",
-                     fidelity=fidelity, scale=task.scale)
+                     fidelity=fidelity, scale=task.scale, dist=dist)
         log({"stage": "eval", "step": state.step, **asdict(m)})
-        tqdm.write(f"step {state.step}: valid {describe(m)}")
+        if dist.rank == 0:
+            tqdm.write(f"step {state.step}: valid {describe(m)}")
         if cfg.select == "best" and (state.best is None or m.mae < state.best.mae):
             save_model(model, out / "best", tok_dir)  # atomic: a crash keeps the previous best
             state.best = BestSoFar(state.step, m.mae, str(out / "best"))
 
-    if dist.rank == 0 and state.step == 0 and task.valid and cfg.steps > 0:
+    if state.step == 0 and task.valid and cfg.steps > 0:
         model.eval()
         validate()  # the starting point of the validation curve (after the cold start, if any)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="GRPO", disable=dist.rank != 0)
@@ -252,8 +265,9 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
 
         # Steps 1-2: sample G completions of each prompt and score each one (grpo.rollout)
         model.eval()
-        batch = grpo.rollout(model, [prompter(e) for e in examples], reward_fn, sampling, cfg.samples,
-                             step_generator(cfg.seed, state.step, dist.rank, device), tok.pad_id)
+        with gathered(model):  # FSDP: the whole model for the rollout, whose length differs between ranks
+            batch = grpo.rollout(model, [prompter(e) for e in examples], reward_fn, sampling, cfg.samples,
+                                 step_generator(cfg.seed, state.step, dist.rank, device), tok.pad_id)
         t1 = time.time()
         # Steps 3-7: advantages, log-probs, clipped loss, aggregation, AdamW (grpo.grpo_update)
         model.train()
@@ -285,15 +299,12 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
                        f"not move; {fix}.", file=sys.stderr)
         if state.step % cfg.sample_every == 0:
             log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
-        if dist.rank == 0 and (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
+        if (state.step % cfg.eval_every == 0 or state.step == cfg.steps) and task.valid:
             validate()
         due = state.step % cfg.save_every == 0 or state.step == cfg.steps
         if due and not bad_steps:
             save()  # never right after a non-finite step: the weights may be the cause
-        stopping = float(stop is not None and stop.requested is not None)
-        if dist.world > 1:  # every rank stops at the same step, or the others would wait forever
-            stopping = dist.all_reduce(torch.tensor([stopping], device=device)).item()
-        if stopping and state.step < cfg.steps:  # at the last step the run simply finishes
+        if stopping(stop, dist) and state.step < cfg.steps:  # at the last step the run simply finishes
             if not bad_steps and not due:
                 tqdm.write(f"stopping at step {state.step}: saving {out / 'checkpoint'}", file=sys.stderr)
                 save()
@@ -307,6 +318,12 @@ def train_grpo(model, tok: Tokenizer, tok_dir: Path, prompter: Prompter, task: T
 
 # -----------------------------------------------------------------------------
 # Main
+
+
+def stopping(stop: GracefulStop | None, dist: Distributed) -> bool:
+    """Whether any rank was asked to stop: every rank stops at the same step, or the others would
+    wait for it forever."""
+    return dist.sum(float(stop is not None and stop.requested is not None)) > 0
 
 
 class GracefulStop:
@@ -365,9 +382,16 @@ def with_lora(model, cfg: RunConfig):
     return model
 
 
+def distribute(model, dist: Distributed, compute):
+    """`model` sharded across the ranks with --fsdp (plumbing/parallel.py: loaded whole on the CPU, each
+    rank keeps its shard on its device), else unchanged."""
+    return shard(model, compute) if dist.fsdp else model
+
+
 def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):
     """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
-    dist = setup_distributed(device)
+    dist = setup_distributed(device, cfg.fsdp)
+    load_to = "cpu" if dist.fsdp else device  # FSDP: whole on the CPU, then each rank's shard to its device
     out = Path(cfg.out)
     base_dtype = compute if cfg.lora_rank else dtype  # with LoRA the base is frozen: keep it in the compute dtype
     if cfg.demo and cfg.mode == "reczero" and not cfg.resume and dist.rank == 0:
@@ -394,7 +418,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, dist.rank)
             dist.barrier()
             tok = Tokenizer(tok_dir)
-            model = demo_model(tok.vocab_size, tok.turn_end_id, cfg.seed).to(device, dtype)
+            model = demo_model(tok.vocab_size, tok.turn_end_id, cfg.seed).to(load_to, dtype)
             config = model.config
         prompter = Prompter(tok, *prompt_settings(cfg, task.scale))
         plan = memory_plan(cfg, config, prompter, task, dtype, compute, dist.world)  # before any weight loads
@@ -406,11 +430,12 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             fail(problem)
         log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
         if cfg.resume or cfg.model:
-            model = with_lora(load_model(base, base_dtype, device), cfg)
+            model = with_lora(load_model(base, base_dtype, load_to), cfg)
             if cfg.lora_rank and cfg.resume:
                 load_adapters(cfg.resume, model)
     except (DataError, CheckpointError, OSError) as e:
         fail(str(e))
+    model = distribute(model, dist, compute)
     model.gradient_checkpointing = cfg.grad_checkpointing
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
           f"compute {compute}, {device}")
@@ -418,14 +443,15 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
 
     def score_test(model, desc: str, fidelity=None) -> RatingMetrics:  # greedy decoding scored on the test split
         return evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc=desc,
-                        fidelity=fidelity, scale=task.scale)
+                        fidelity=fidelity, scale=task.scale, dist=dist)
 
     rows = baseline_rows(task.baselines, task.test, fidelity)
     for name, m in rows:
         log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
         rows.append(("model", score_test(model, "test")))
-        print(results_table(rows))
+        if dist.rank == 0:
+            print(results_table(rows))
         return
     if cfg.mode == "recone" and (not cfg.resume or state.sft_step is not None):
         if state.sft_step is None:  # a new cold start; its traces are kept, so a resumed SFT needs no teacher
@@ -440,49 +466,47 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
                 fail(f"--resume {cfg.resume}: cannot read the cold start's traces: {e}")
 
         def save_sft(step: int, opt):
-            tqdm.write(f"stopping in the cold-start SFT at batch {step}: saving {out / 'checkpoint'} "
-                       f"(--resume {out / 'checkpoint'} continues from there)", file=sys.stderr)
+            if dist.rank == 0:
+                tqdm.write(f"stopping in the cold-start SFT at batch {step}: saving {out / 'checkpoint'} "
+                           f"(--resume {out / 'checkpoint'} continues from there)", file=sys.stderr)
             state.sft_step = step
             save_checkpoint(out / "checkpoint", model, tok_dir, opt, state, asdict(cfg))
 
-        if dist.rank == 0:  # the other ranks load the result: the same weights everywhere
-            sft(model, prompter, traces, pick(SFTConfig, cfg), log, start=state.sft_step,
-                resume_from=Path(cfg.resume) if cfg.resume else None, stop=stop, save=save_sft)
-            # save in the HF layout and reload through the loader real checkpoints use
-            save_model(model, out / "cold_start", tok_dir)
+        sft(model, prompter, traces, pick(SFTConfig, cfg), log, start=state.sft_step,
+            resume_from=Path(cfg.resume) if cfg.resume else None, stop=stop, save=save_sft, dist=dist)
+        # save in the HF layout and reload through the loader real checkpoints use
+        save_model(model, out / "cold_start", tok_dir)
         state.sft_step = None
         dist.barrier()
-        model = with_lora(load_model(out / "cold_start", base_dtype, device), cfg)  # fresh adapters for GRPO
+        model = with_lora(load_model(out / "cold_start", base_dtype, load_to), cfg)  # fresh adapters for GRPO
+        model = distribute(model, dist, compute)
         model.gradient_checkpointing = cfg.grad_checkpointing
         state.start_model = str(out / "cold_start")
-        if dist.rank == 0:
-            state.cold_start = asdict(score_test(model, "test (cold start)", fidelity))
+        state.cold_start = asdict(score_test(model, "test (cold start)", fidelity))
     elif not cfg.resume:
         if cfg.demo:  # random starting weights are on no disk: save them, the KL reference for --beta > 0
-            if dist.rank == 0:
-                save_model(model, out / "start", tok_dir)
+            save_model(model, out / "start", tok_dir)
             dist.barrier()
             state.start_model = str(out / "start")
-        if dist.rank == 0:
-            state.cold_start = asdict(score_test(model, "test (before RL)"))
+        state.cold_start = asdict(score_test(model, "test (before RL)"))
     if state.step == 0 and dist.rank == 0:
         log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
     train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop, grpo_resume)
+    label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
+    if cfg.select == "best" and state.best:  # the weights of the best validation MAE
+        step = state.best.step
+        model = distribute(load_model(state.best.path, dtype, load_to), dist, compute)
+        label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
+    final = score_test(model, "test (GRPO)", fidelity)
+    log({"stage": "test", "step": step, **asdict(final)})
     if dist.rank == 0:
-        label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
-        if cfg.select == "best" and state.best:  # the weights of the best validation MAE
-            step = state.best.step
-            model = load_model(state.best.path, dtype, device)
-            label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
-        final = score_test(model, "test (GRPO)", fidelity)
-        log({"stage": "test", "step": step, **asdict(final)})
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]
         table = results_table(rows)
         (out / "results.md").write_text(table + "\n")
         print(table)
         plot(out)
-    if dist.world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ so *.bin / *.pt files are never opened.
 A training checkpoint is such a folder with two more files: optimizer.safetensors (AdamW moments)
 and trainer_state.json (the TrainerState, the run's flags, the optimizer's param groups). Every
 folder is written to a temporary directory first and renamed into place, so a killed run leaves the
-previous checkpoint whole.
+previous checkpoint whole. A model sharded with FSDP is saved whole, the same folder (plumbing/parallel.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save, save_file
 
 import lora
 from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
+from plumbing import parallel
 from plumbing.tokenizer import TOKENIZER_FILES
 
 # -----------------------------------------------------------------------------
@@ -142,7 +143,18 @@ def replace_dir(tmp: Path, final: Path):
 
 
 def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict | None = None):
-    """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout, atomically."""
+    """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout, atomically.
+    In a torchrun job every rank calls it (a sharded model's tensors are gathered from all ranks) and
+    rank 0 writes."""
+    weights = parallel.full_state_dict(model)
+    if weights is None:  # not rank 0
+        return
+    write_model(model, weights, path, tokenizer_dir, extra_files)
+
+
+def write_model(model: Transformer, weights: dict[str, torch.Tensor], path, tokenizer_dir=None,
+                extra_files: dict | None = None):
+    """save_model's writing half: `weights` is the model's whole state dict (adapters merged here)."""
     path = Path(path)
     tmp = None
     try:
@@ -151,14 +163,15 @@ def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict |
         _clean_leftovers(path)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-        weights = lora.merged_state_dict(model) if lora.has_lora(model) else model.state_dict()
+        adapters = lora.has_lora(model) and lora.adapter_config(model)
+        merged = lora.merged_state_dict(weights, adapters["lora_alpha"] / adapters["r"]) if adapters else weights
         state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
-                 for k, v in weights.items()}
+                 for k, v in merged.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if lora.has_lora(model):  # the adapters on their own too: what a resumed run trains on
-            adapters = {k: v.detach().contiguous().cpu() for k, v in lora.adapter_state_dict(model).items()}
-            save_file(adapters, str(tmp / "adapter_model.safetensors"))
-            (tmp / "adapter_config.json").write_text(json.dumps(lora.adapter_config(model), indent=1))
+        if adapters:  # the adapters on their own too: what a resumed run trains on
+            save_file({k: v.detach().contiguous().cpu() for k, v in lora.adapter_state_dict(weights).items()},
+                      str(tmp / "adapter_model.safetensors"))
+            (tmp / "adapter_config.json").write_text(json.dumps(adapters, indent=1))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).exists():
@@ -225,11 +238,13 @@ def read_trainer_state(path) -> dict:
 def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, flags: dict):
     """Model (safetensors + config), tokenizer, AdamW moments (safetensors) and trainer_state.json
     (the state, the run's flags, the param groups), written atomically."""
-    opt = optimizer.state_dict()
+    weights, opt = parallel.full_state_dict(model), parallel.full_optimizer_state(optimizer)
+    if weights is None:  # not rank 0: it took part in the gathers
+        return
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
     saved = {**asdict(state), "args": flags, "param_groups": opt["param_groups"]}
-    save_model(model, path, tok_dir, extra_files={"optimizer.safetensors": save(tensors),
-                                                  "trainer_state.json": json.dumps(saved, indent=1)})
+    write_model(model, weights, path, tok_dir, extra_files={"optimizer.safetensors": save(tensors),
+                                                            "trainer_state.json": json.dumps(saved, indent=1)})
 
 
 def load_adapters(path, model) -> None:
@@ -237,7 +252,7 @@ def load_adapters(path, model) -> None:
     whose adapters must have the same names and shapes."""
     f = Path(path) / "adapter_model.safetensors"
     saved = _read_tensors(f, "a --lora-rank run needs the adapters it trained")
-    own = lora.adapter_state_dict(model)
+    own = lora.adapter_state_dict(model.state_dict())
     if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{f}: adapters do not match --lora-rank / --lora-targets of this run")
     model.load_state_dict(saved, strict=False)
@@ -256,8 +271,11 @@ def _read_tensors(f: Path, why_needed: str) -> dict[str, torch.Tensor]:
 def load_optimizer(path: Path, optimizer) -> None:
     """Restore the AdamW moments written by save_checkpoint (no pickle involved). The optimizer keeps its
     own hyper-parameters (lr, betas): they come from this run's flags, so --resume-override lr applies."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     state = {}
     for key, value in _read_tensors(Path(path) / "optimizer.safetensors", "weights without AdamW's state").items():
         i, name = key.split(".", 1)
+        if int(i) < len(params) and value.shape == params[int(i)].shape:  # a moment: sharded like its weight
+            value = parallel.shard_like(params[int(i)], value)
         state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -154,6 +154,8 @@ class RunConfig:
                                  choices=("fp32", "same"))
     device: str = option("cpu, cuda, cuda:1 ... (auto: cuda when available)", "auto")
     grad_checkpointing: bool = option("recompute each block in backward to save memory", False)
+    fsdp: bool = option("under torchrun, shard weights, gradients and AdamW state across the ranks (FSDP2's "
+                        "fully_shard) instead of a whole copy on each", False)
     threads: int = option("CPU threads (0: torch's default)", 0, valid=at_least(0, "0: torch's default"))
     # the prompt
     system_prompt: str = option("'full' (the four-step prompt), 'short', or a file", "full", "short")
@@ -193,7 +195,7 @@ def _defaults_text(f: dataclasses.Field) -> str:
 # Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
 # writes, whether it recomputes activations. Any other change alters what the run computes: --resume-override.
 SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only",
-                  "dry_run", "grad_checkpointing",
+                  "dry_run", "grad_checkpointing", "fsdp",
                   "resume", "resume_override")
 
 
@@ -286,6 +288,9 @@ def check_args(cfg: RunConfig):
         fail(f"--model {cfg.model}: not a checkpoint directory (no config.json)")
     if cfg.prompts_per_step % max(int(os.environ.get("WORLD_SIZE", 1)), 1):
         fail("--prompts-per-step must be divisible by the number of ranks")
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        fail("--fsdp shards the model across the processes of a torchrun job: "
+             "torchrun --nproc-per-node N train.py --fsdp ...")
     for f in dataclasses.fields(RunConfig):
         valid, value = f.metadata["valid"], getattr(cfg, f.name)
         if valid is not None and value not in valid:

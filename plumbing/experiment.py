@@ -1,11 +1,10 @@
 """Assembling a run from its flags: the data and baselines, the demo's tokenizer and model, the teacher's
-traces, and the processes of a data-parallel run. train.py calls these; none of them is GRPO.
+traces, the memory plan. train.py calls these; none of them is GRPO.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,36 +160,4 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
                        rows=cfg.prompts_per_step // world * cfg.samples,
                        prompt_tokens=prompt_length([prompter(e) for e in task.train[:256]]),
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
-                       grad_checkpointing=cfg.grad_checkpointing)
-
-
-# -----------------------------------------------------------------------------
-# Data parallel
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum t over all ranks, in place."""
-        torch.distributed.all_reduce(t)
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def setup_distributed(device: str) -> Distributed:
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Distributed()
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return Distributed(torch.distributed.get_rank(), world)
+                       grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1)

@@ -12,6 +12,10 @@ and on SmolLM2-135M's shape, see tests/test_memory.py); with
 recomputed. The output head works on 1024 positions at a time (grpo.token_logprobs), so its largest
 tensor is 1024 x vocab fp32.
 
+With FSDP over N ranks (--fsdp) the weights, gradients, AdamW and the reference are 1/N each, plus
+what is gathered whole at a time: the whole model while sampling, two blocks and the root unit
+(embedding, final norm, head) during the update.
+
 Not counted: the allocator's fragmentation and workspace (often 5-15% on CUDA), CUDA context
 (~0.5 GB), temporaries inside single operations. The plan is a floor, not a promise.
 """
@@ -43,19 +47,25 @@ class MemoryPlan:
     kv_cache: int
     activations: int
     largest_activation: int
+    gathered_sampling: int = 0  # FSDP: the whole model, gathered for the rollout (parallel.gathered)
+    gathered_update: int = 0  # FSDP: the units gathered at once in the update (two blocks and the root)
 
     @property
     def total(self) -> int:
         # the sampler's cache is freed before the update, whose activations are the peak
         return (self.weights + self.gradients + self.optimizer + self.reference
-                + max(self.kv_cache, self.activations + self.largest_activation))
+                + max(self.kv_cache + self.gathered_sampling,
+                      self.activations + self.largest_activation + self.gathered_update))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("AdamW moments", self.optimizer),
                 ("reference model (--beta > 0)", self.reference), ("KV cache while sampling", self.kv_cache),
                 ("activations of one micro-batch", self.activations),
-                ("largest single activation (output-head chunk)", self.largest_activation),
-                ("peak (cache or activations, not both)", self.total)]
+                ("largest single activation (output-head chunk)", self.largest_activation)]
+        if self.gathered_sampling:
+            rows += [("FSDP: whole weights gathered while sampling", self.gathered_sampling),
+                     ("FSDP: units gathered during the update", self.gathered_update)]
+        rows += [("peak (cache or activations, not both)", self.total)]
         head = f"memory plan: {self.parameters / 1e6:,.1f}M parameters, {self.trainable / 1e6:,.1f}M trained"
         return "\n".join([head] + [f"  {name:<48} {_size(value):>10}" for name, value in rows])
 
@@ -66,9 +76,12 @@ def _size(n: int) -> str:
 
 def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, lora_rank: int = 0,
                 lora_targets=lora.TARGETS, beta: float = 0.0, rows: int, prompt_tokens: int, new_tokens: int,
-                micro_batch: int, grad_checkpointing: bool = False) -> MemoryPlan:
+                micro_batch: int, grad_checkpointing: bool = False, shards: int = 1) -> MemoryPlan:
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
-    micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected."""
+    micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
+    shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
+    evenly; sampling holds a whole copy in the compute dtype, the update two blocks and the root unit
+    (embedding, final norm, head) gathered at once."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -89,12 +102,20 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         floats = tokens * (c.hidden_size * c.num_layers + outside + per_layer)
     else:
         floats = tokens * (per_layer * c.num_layers + outside)
+    n_block = sum(p.numel() for p in model.layers[0].parameters())
+    n_root = n_all - c.num_layers * n_block
     return MemoryPlan(
-        parameters=n_all, trainable=n_train, weights=weights,
-        gradients=n_train * train_bytes, optimizer=2 * n_train * train_bytes,
-        reference=n_all * compute_bytes if beta > 0 else 0,
+        parameters=n_all, trainable=n_train, weights=_split(weights, shards),
+        gradients=_split(n_train * train_bytes, shards), optimizer=_split(2 * n_train * train_bytes, shards),
+        reference=_split(n_all * compute_bytes, shards) if beta > 0 else 0,
         kv_cache=kv_cache, activations=floats * compute_bytes,
-        largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4)
+        largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4,
+        gathered_sampling=n_all * compute_bytes if shards > 1 else 0,
+        gathered_update=(2 * n_block + n_root) * compute_bytes if shards > 1 else 0)
+
+
+def _split(n_bytes: int, shards: int) -> int:
+    return -(-n_bytes // shards)  # FSDP pads each tensor to a multiple of the ranks: round up
 
 
 def device_bytes(device: str) -> int:

@@ -19,22 +19,29 @@ from tqdm import tqdm
 from data import RATING_SCALE
 from grpo import RolloutBatch
 from model import SamplingConfig, generate
+from plumbing.parallel import Distributed, gathered
 from reczero import RatingMetrics, Reward, parse_output, rating_metrics
 
 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
-             fidelity=None, scale: tuple[float, float] = RATING_SCALE) -> RatingMetrics:
+             fidelity=None, scale: tuple[float, float] = RATING_SCALE, dist: Distributed | None = None) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
     fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
-    (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's."""
+    (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's.
+    Under torchrun every rank calls it, decodes every dist.world-th example and gets the same metrics."""
+    dist = dist or Distributed()
     model.eval()
-    texts = []
-    for i in tqdm(range(0, len(examples), batch), desc=desc, leave=False):
-        chunk = examples[i:i + batch]
-        gen = generate(model, [prompter(e) for e in chunk],
-                       SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
-        texts += [tok.decode(c) for c in gen.completions()]
+    mine = list(range(dist.rank, len(examples), dist.world))
+    texts = {}
+    with gathered(model):  # a sharded model: whole for a while, so ranks may decode different lengths
+        for i in tqdm(range(0, len(mine), batch), desc=desc, leave=False, disable=dist.rank != 0):
+            rows = mine[i:i + batch]
+            gen = generate(model, [prompter(examples[j]) for j in rows],
+                           SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
+            texts.update(zip(rows, [tok.decode(c) for c in gen.completions()]))
+    texts = dict(dist.gather_objects(list(texts.items())))
+    texts = [texts[j] for j in range(len(examples))]
     fallbacks = [fallback[e.target.key] for e in examples]
     metrics = rating_metrics([parse_output(t, scale).rating for t in texts], [e.label for e in examples], fallbacks)
     if fidelity is not None:

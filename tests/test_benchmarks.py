@@ -100,7 +100,8 @@ def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
 
 def test_memory_table(capsys):
     """The README's memory table: the three Qwen2.5 shapes have their published sizes, full fine-tuning
-    of 7B fits no single GPU, and LoRA with gradient checkpointing fits a 24 GB one."""
+    of 7B fits no single GPU, LoRA with gradient checkpointing fits a 24 GB one, and FSDP divides the
+    trained state by the number of GPUs (full fine-tuning of 7B then fits 80 GB cards from 4 of them)."""
     import memory_table
 
     rows = {(name, variant): plan for name, variant, plan in memory_table.main([])}
@@ -108,4 +109,11 @@ def test_memory_table(capsys):
     assert sizes == {"Qwen2.5-0.5B": 0.49, "Qwen2.5-1.5B": 1.54, "Qwen2.5-7B": 7.62}
     assert rows[("Qwen2.5-7B", "full fine-tuning (fp32 master weights)")].total > 141e9
     assert rows[("Qwen2.5-7B", "--lora-rank 16 --grad-checkpointing")].total < 24e9
-    assert capsys.readouterr().out.count("| Qwen2.5-") == 15
+    full = rows[("Qwen2.5-7B", "full fine-tuning (fp32 master weights)")]
+    for n in (2, 4, 8):
+        plan = rows[("Qwen2.5-7B", f"--fsdp --grad-checkpointing, {n} GPUs")]
+        assert plan.weights + plan.gradients + plan.optimizer == pytest.approx(
+            (full.weights + full.gradients + full.optimizer) / n, rel=1e-6)
+        assert plan.gathered_sampling == full.parameters * 2  # the whole model in bf16 while sampling
+    assert rows[("Qwen2.5-7B", "--fsdp --grad-checkpointing, 4 GPUs")].total < 80e9
+    assert capsys.readouterr().out.count("| Qwen2.5-") == 24

@@ -41,7 +41,10 @@ def test_update_by_hand():
     x = torch.tensor([[3.0, 4.0]])
     # W0 x = (3, 8); A x = 7; B A x = (3.5, -7); scaled by 2: (7, -14) -> (10, -6)
     torch.testing.assert_close(layer(x), torch.tensor([[10.0, -6.0]]))
-    torch.testing.assert_close(layer.merged_weight(), torch.tensor([[2.0, 1.0], [-2.0, 0.0]]))
+    # merged: W0 + 2 B A = [[1, 0], [0, 2]] + 2 [[0.5, 0.5], [-1, -1]] = [[2, 1], [-2, 0]]
+    merged = lora.merged_state_dict({f"p.{k}": v for k, v in layer.state_dict().items()}, layer.scale)
+    assert list(merged) == ["p.weight"]
+    torch.testing.assert_close(merged["p.weight"], torch.tensor([[2.0, 1.0], [-2.0, 0.0]]))
 
 
 @torch.no_grad()

@@ -1,0 +1,174 @@
+"""Running as one of N processes (torchrun): data parallel, and FSDP for models that outgrow one GPU.
+
+Data parallel (the default under torchrun): every rank holds the whole model, samples its share of a
+step's prompts and adds its gradient to the others' (grpo.grpo_update's all_reduce).
+
+FSDP (--fsdp): PyTorch's own fully_shard (FSDP2) splits every parameter, its gradient and AdamW's
+moments into N row shards, one per rank, so each GPU holds 1/N of them. Each decoder block is one
+unit: its full weights are gathered just before it runs and freed after; the backward pass sums the
+gradient shards across ranks (a reduce-scatter). Three places need more than that:
+
+- Sampling and evaluation run one forward per generated token, and ranks stop at different lengths.
+  A gathered model could not serve a rank that stops early (the others would wait for it in the next
+  gather), so `gathered()` holds the whole model unsharded for the duration: no collective inside,
+  the memory of one full copy of the weights for a while (what verl's vLLM rollout also holds).
+- Every rank must run the same number of forward/backward passes through the sharded model, or a
+  gather waits forever: GRPO gives each rank the same number of rows; the cold-start SFT pads a
+  rank's short share with zero-weight micro-batches (train.sft).
+- Checkpoints stay one plain Hugging Face folder: `full_state_dict` gathers each tensor in turn,
+  rank 0 keeps it on the CPU and writes the folder; the others only take part in the gathers.
+  Loading is the reverse: every rank reads the full file and keeps its own shard (`shard_like`).
+
+Simplifications: one shard group across all ranks (no hybrid sharding across nodes); no CPU
+offload; the embedding, final norm and output head form one more unit, gathered with the model's
+forward and kept until its backward (the head runs outside forward(), in grpo.token_logprobs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False  # the model is sharded (--fsdp): collectives inside forward/backward and saves
+    device: str = "cpu"  # where collectives' tensors live (NCCL: the GPU)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over all ranks, in place."""
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def sum(self, x: float) -> float:
+        """x summed over all ranks."""
+        return self.all_reduce(torch.tensor([x], dtype=torch.float64, device=self.device)).item()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather_objects(self, part: list) -> list:
+        """Every rank's `part` (a picklable list), concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return part
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, part)
+        return [x for p in parts for x in p]
+
+
+def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 and not fsdp:
+        return Distributed(device=device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = f"cuda:{torch.cuda.current_device()}"
+    return Distributed(torch.distributed.get_rank(), world, fsdp, device)
+
+
+# -----------------------------------------------------------------------------
+# FSDP
+
+
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Shard `model` (our Transformer, optionally with LoRA adapters) across all ranks in place: one
+    FSDP unit per decoder block, and the root (embedding, final norm, head). compute_dtype: gather
+    the weights in this dtype (bf16 halves the traffic, and makes a bf16 base with fp32 adapters one
+    dtype, which FSDP requires of a unit); gradients are reduced in fp32."""
+    # a sparse embedding gradient cannot be reduce-scattered; FSDP needs it dense
+    model.embed_tokens.sparse = False
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    # the root keeps its weights gathered from forward to the end of backward: the output head runs
+    # outside forward() (grpo.token_logprobs), and again when its checkpointed chunks are recomputed
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # Our losses are normalised over the global batch already (grpo.aggregation_weights and
+            # train.sft count every rank's tokens), so the ranks' gradients must be summed, not averaged.
+            m.set_gradient_divide_factor(1.0)
+            # gloo cannot pre-multiply by a factor inside its reduce-scatter; a plain sum is what we want anyway
+            m.set_force_sum_reduction_for_comms(True)
+    # forward_grouped (grpo's shared-prompt pass) is a second entry point besides forward: gather for it too
+    register_fsdp_forward_method(model, "forward_grouped")
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Hold every parameter of a sharded model unsharded while the block runs, so forwards need no
+    collective: each rank may then run a different number of them (sampling, evaluation). Every rank
+    must enter it. Unchanged for a model that is not sharded."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()  # all-gathers this unit's weights
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard() set them
+            m.reshard()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's state dict with every tensor whole, on rank 0; None on the other ranks, which must
+    still call it when the model is sharded (each tensor is gathered from all of them). Gathered one
+    tensor at a time and moved to the CPU, so a GPU holds at most one whole tensor beyond its shards."""
+    state = {}
+    for name, t in model.state_dict().items():
+        t = _full(t.detach())
+        if _rank() == 0:
+            state[name] = t.cpu()
+    return state if _rank() == 0 else None
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every moment whole, on rank 0 (state {} on the other ranks, which
+    must still call it for a sharded model)."""
+    opt = optimizer.state_dict()
+    state = {}
+    for i in sorted(opt["state"]):  # the same order on every rank: each gather pairs up
+        moments = {k: _full(v).cpu() for k, v in opt["state"][i].items()}
+        if _rank() == 0:
+            state[i] = moments
+    return {"state": state, "param_groups": opt["param_groups"]}
+
+
+def shard_like(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (read whole on every rank) cut to this rank's shard of `like`, a sharded tensor;
+    returned unchanged when `like` is not sharded. No communication: every rank has the data."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+

@@ -1,0 +1,314 @@
+"""FSDP (plumbing/parallel.py): two gloo processes on the CPU, each with half of the work and half of
+every weight, take the step one process takes with all of it.
+
+Tolerances: the sharded run adds the two ranks' gradient parts in a reduce-scatter where one process
+adds them inside its matmuls, so sums are taken in another order: equal to ~1e-7 relative in fp32,
+well below any real difference (a step here moves weights by ~1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import PROMPTS, full_logits, tiny_model
+from torch.distributed.tensor import DTensor
+
+import grpo
+from grpo import GRPOConfig, RolloutBatch, grpo_update
+from lora import add_lora
+from model import SamplingConfig, generate
+from plumbing.checkpoints import TrainerState, load_adapters, load_model, load_optimizer, save_checkpoint
+from plumbing.memory import plan_memory
+from plumbing.parallel import Distributed, full_optimizer_state, full_state_dict, gathered, shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIELDS = ("input_ids", "prompt_lengths", "completion_lengths", "truncated", "prompt_index", "rewards",
+          "sampler_logprobs")
+
+
+def _worker(rank, world, init_file, out_file, fn, args):
+    """One gloo rank: run fn(dist, *args); rank 0 saves the tensors it returns to out_file."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    code = 0
+    try:
+        result = fn(Distributed(rank, world, fsdp=True), *args)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in result.items()}, out_file)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can abort ("terminate called without an
+    # active exception", exit -6) while C++ statics are destroyed, after the work is done and checked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_ranks(tmp_path: Path, fn, *args, world: int = 2) -> dict[str, torch.Tensor]:
+    """fn(dist, *args) on `world` gloo processes; what rank 0 returns."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "rank0.safetensors"
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "rendezvous"), str(out), fn, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+    return load_file(out)
+
+
+def make_rollout(n_prompts: int = 4, samples: int = 4) -> RolloutBatch:
+    """A real rollout of the tiny model: 4 groups of 4 sampled completions, rewards that vary in each group."""
+    model = tiny_model(seed=0)
+    prompts = [PROMPTS[i % 3][: 13 - i] for i in range(n_prompts)]
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(n_prompts * samples, generator=torch.Generator().manual_seed(1))
+    batch = grpo.rollout(model, prompts, lambda i, c: 0.0, SamplingConfig(max_new_tokens=8, temperature=1.0),
+                         samples, g)
+    return _with_rewards(batch, rewards)
+
+
+def _with_rewards(batch: RolloutBatch, rewards: torch.Tensor) -> RolloutBatch:
+    return RolloutBatch(**{f: getattr(batch, f) for f in FIELDS if f != "rewards"}, rewards=rewards)
+
+
+def rank_rows(batch: RolloutBatch, rank: int, world: int) -> RolloutBatch:
+    """This rank's whole groups (prompt p goes to rank p % world), as train.py splits a step's prompts."""
+    rows = (batch.prompt_index % world) == rank
+    return RolloutBatch(**{f: getattr(batch, f)[rows] for f in FIELDS})
+
+
+def _policy(lora_rank: int):
+    model = tiny_model(seed=0)
+    if lora_rank:
+        add_lora(model, lora_rank, 2.0 * lora_rank, seed=3)
+    return model
+
+
+def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank: int = 0, checkpointing=False,
+              steps: int = 2) -> dict[str, torch.Tensor]:
+    """`steps` GRPO updates of the tiny model on this rank's share of `batch`; the whole weights after."""
+    model = _policy(lora_rank)
+    model.gradient_checkpointing = checkpointing
+    if dist.fsdp:
+        shard(model)
+    model.train()
+    # SGD, not AdamW: its step is proportional to the gradient, so averaged instead of summed gradients
+    # (or one rank's part lost) would show in the weights; AdamW's would hide a scale
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    part = rank_rows(batch, dist.rank, dist.world)
+    norms = []
+    for _ in range(steps):
+        m = grpo_update(model, opt, part, cfg, all_reduce=dist.all_reduce if dist.world > 1 else None)
+        assert m["weights_finite"] == 1.0 and m["skipped"] == 0.0
+        norms.append(m["grad_norm"])
+    def local_bytes(tensors) -> int:  # what this rank holds: its shards
+        return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    held = torch.tensor([local_bytes(model.parameters()), local_bytes(p.grad for p in trained)])
+    return {**(full_state_dict(model) or {}), "grad_norms": torch.tensor(norms), "held_bytes": held}
+
+
+@pytest.mark.parametrize("lora_rank,checkpointing,micro_batch,max_grad_norm",
+                         [(0, False, None, 1e9), (0, False, 5, 0.05), (4, True, 3, 1e9)])
+def test_sharded_grpo_steps_match_one_process(tmp_path, lora_rank, checkpointing, micro_batch, max_grad_norm):
+    """Full fine-tuning (tied embedding, shared prompt passes) unclipped and clipped by the global norm,
+    and LoRA with gradient checkpointing and micro-batches: two sharded ranks reach the single process's
+    weights and grad norms after 2 steps."""
+    batch = make_rollout()
+    cfg = GRPOConfig(max_new_tokens=8, micro_batch=micro_batch, max_grad_norm=max_grad_norm)
+    one = grpo_step(Distributed(), batch, cfg, lora_rank, checkpointing)
+    two = run_ranks(tmp_path, grpo_step, batch, cfg, lora_rank, checkpointing)
+    assert set(two) == set(one)
+    # the memory plan's weights and gradients are what each rank holds: all of them, or half with 2 shards
+    for shards, got in ((1, one), (2, two)):
+        plan = plan_memory(tiny_model().config, weight_bytes=4, compute_bytes=4, lora_rank=lora_rank, rows=1,
+                           prompt_tokens=1, new_tokens=1, micro_batch=1, shards=shards)
+        assert got.pop("held_bytes").tolist() == [plan.weights, plan.gradients]
+    start = _policy(lora_rank).state_dict()
+    moved = 0.0
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        if name != "grad_norms":
+            moved = max(moved, (value - start[name]).abs().max().item())
+    assert moved > 1e-3  # the steps did something to compare (1000x the tolerance)
+    if max_grad_norm < 1:
+        assert (one["grad_norms"] > max_grad_norm).all()  # the clipping was active
+
+
+def sample_in_gathered(dist: Distributed) -> dict[str, torch.Tensor]:
+    """Greedy sampling of a sharded model inside gathered(): rank 0 decodes three prompts for 32 tokens,
+    rank 1 one prompt for 4 (each rank a different number of forwards); the shards come back after."""
+    model = shard(tiny_model(seed=0))
+    prompts, new = (PROMPTS, 32) if dist.rank == 0 else (PROMPTS[:1], 4)
+    with gathered(model):
+        gen = generate(model, prompts, SamplingConfig(max_new_tokens=new, temperature=0.0))
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded: 1/world of the memory again
+    return {"tokens": gen.tokens, "lengths": gen.lengths}
+
+
+def test_sampling_in_gathered_matches_the_unsharded_model(tmp_path):
+    got = run_ranks(tmp_path, sample_in_gathered)
+    want = generate(tiny_model(seed=0), PROMPTS, SamplingConfig(max_new_tokens=32, temperature=0.0))
+    assert torch.equal(got["tokens"], want.tokens) and torch.equal(got["lengths"], want.lengths)
+
+
+def save_and_resume(dist: Distributed, batch: RolloutBatch, out: str) -> dict[str, torch.Tensor]:
+    """LoRA, sharded: an AdamW step, save_checkpoint (every rank calls it), then a fresh model and optimizer
+    restored from the folder as train.py resumes (adapters into the whole model, then shard, then the
+    moments); both take one more step. Returns, from rank 0, the moments before the save and after the
+    restore, and both models' weights after the second step."""
+    def build(resume: bool):
+        model = _policy(4)
+        if resume:
+            load_adapters(out, model)
+        shard(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        if resume:
+            load_optimizer(Path(out), opt)
+        return model.train(), opt
+
+    cfg = GRPOConfig(max_new_tokens=8)
+    part = rank_rows(batch, dist.rank, dist.world)
+    model, opt = build(resume=False)
+    grpo_update(model, opt, part, cfg, all_reduce=dist.all_reduce)
+    save_checkpoint(Path(out), model, None, opt, TrainerState(step=1), {})
+    dist.barrier()  # rank 0 writes; the others read it next
+    before, saved = full_optimizer_state(opt)["state"], full_state_dict(model)
+    model2, opt2 = build(resume=True)
+    after = full_optimizer_state(opt2)["state"]
+    for m, o in ((model, opt), (model2, opt2)):
+        grpo_update(m, o, part, cfg, all_reduce=dist.all_reduce)
+    weights, weights2 = full_state_dict(model), full_state_dict(model2)
+    if dist.rank != 0:
+        return {}
+    result = {f"moment.{i}.{k}": v for i, s in before.items() for k, v in s.items()}
+    result |= {f"restored.{i}.{k}": v for i, s in after.items() for k, v in s.items()}
+    result |= {f"saved.{k}": v for k, v in saved.items()}
+    return result | {f"first.{k}": v for k, v in weights.items()} | {f"second.{k}": v for k, v in weights2.items()}
+
+
+def test_a_sharded_checkpoint_is_one_plain_folder_and_resumes_exactly(tmp_path):
+    out = tmp_path / "ckpt"
+    got = run_ranks(tmp_path, save_and_resume, make_rollout(), str(out))
+    moments = [k for k in got if k.startswith("moment.")]
+    assert len(moments) == 3 * len([p for p in _policy(4).parameters() if p.requires_grad])  # step, m, v
+    for k in moments:
+        assert torch.equal(got[k.replace("moment.", "restored.")], got[k]), k
+    firsts = [k for k in got if k.startswith("first.")]
+    for k in firsts:
+        assert torch.equal(got[k.replace("first.", "second.")], got[k]), k
+    # the folder is the plain one a single process writes and reads: merged weights, adapters, moments
+    single = _policy(4)
+    load_adapters(out, single)
+    adapters = {k: v for k, v in single.state_dict().items() if ".lora_" in k}
+    assert adapters and all(torch.equal(v, got[f"saved.{k}"]) for k, v in adapters.items())
+    merged = load_model(out)
+    torch.testing.assert_close(full_logits(merged, PROMPTS[0]), full_logits(single.eval(), PROMPTS[0]))
+    load_optimizer(out, torch.optim.AdamW([p for p in single.parameters() if p.requires_grad]))
+
+
+# -----------------------------------------------------------------------------
+# train.py under torchrun: --fsdp takes the data-parallel run's steps, and resumes exactly
+
+
+def _train_rank(rank, world, port, argv):
+    """One rank of a torchrun-like job running train.main(argv) with varied rewards (tiny_runs)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    sys.path.insert(0, str(Path(__file__).parent))
+    import train
+    from tiny_runs import varied_rewards
+
+    varied_rewards(type("Patch", (), {"setattr": staticmethod(setattr)}))
+    code = 0
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see _worker
+
+
+def torchrun(argv: list[str], world: int = 2):
+    """train.py's main(argv) on `world` processes, as `torchrun --nproc-per-node world` would run it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_train_rank, args=(r, world, port, argv)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_fsdp_run_takes_the_data_parallel_steps_and_resumes_exactly(tmp_path, monkeypatch):
+    """The demo's RecOne on 2 ranks, with and without --fsdp: the same cold start as one process (SFT
+    splits each batch's rows), the same GRPO steps (losses, grad norms, weights); a --fsdp run stopped
+    at step 2 and resumed reaches the uninterrupted run's step-3 weights exactly."""
+    import train
+    from tiny_runs import TINY, metrics, varied_rewards
+
+    args = TINY + ["--steps", "3", "--save-every", "1"]
+    varied_rewards(monkeypatch)
+    train.main(args + ["--steps", "0", "--out", str(tmp_path / "one")])  # cold start only, one process
+    torchrun(args + ["--out", str(tmp_path / "ddp")])
+    torchrun(args + ["--out", str(tmp_path / "fsdp"), "--fsdp"])
+    torchrun(args + ["--out", str(tmp_path / "stop"), "--fsdp", "--steps", "2"])
+    torchrun(["--resume", str(tmp_path / "stop" / "checkpoint"), "--steps", "3"])
+
+    sft_loss = {run: [r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))
+                      if r["stage"] == "sft"] for run in ("one", "ddp", "fsdp")}
+    assert sft_loss["ddp"] == pytest.approx(sft_loss["one"], rel=1e-5)  # AdamW would hide a doubled gradient;
+    assert sft_loss["fsdp"] == pytest.approx(sft_loss["one"], rel=1e-5)  # the loss (summed over ranks) does not
+    one, ddp, fsdp = (_weights(tmp_path / run / "cold_start") for run in ("one", "ddp", "fsdp"))
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(fsdp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    m_ddp, m_fsdp = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert sorted(m_fsdp) == sorted(m_ddp) == [1, 2, 3]
+    for step in m_ddp:
+        assert m_fsdp[step]["reward_mean"] == m_ddp[step]["reward_mean"]  # the same completions were sampled
+        for key in ("loss", "grad_norm"):
+            assert m_fsdp[step][key] == pytest.approx(m_ddp[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert all(m_ddp[s]["grad_norm"] > 0 for s in m_ddp)
+    ddp, fsdp = _weights(tmp_path / "ddp" / "checkpoint"), _weights(tmp_path / "fsdp" / "checkpoint")
+    resumed = _weights(tmp_path / "stop" / "checkpoint")
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert torch.equal(resumed[name], fsdp[name]), name
