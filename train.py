@@ -16,9 +16,11 @@ Simplifications:
   the step.
 - Ctrl-C and SIGTERM are requests (GracefulStop): the SFT batch or GRPO step in progress finishes,
   then a checkpoint is written that --resume continues from, in SFT or in GRPO.
-- Data parallel (torchrun) splits each step's prompts across ranks and sums the gradients of one
-  globally normalised loss (so N ranks take the one-process step); rank 0 runs the cold start,
-  evaluates, logs and saves. Evaluation is greedy on a fixed subset (`--eval-size`).
+- Under torchrun each rank takes its share of each step's prompts (and of each SFT batch) and the
+  gradients of one globally normalised loss are summed, so N ranks take the one-process step; each
+  rank decodes its share of the evaluation examples; rank 0 logs and writes checkpoints. With --fsdp
+  the weights, gradients and AdamW state are sharded across the ranks (plumbing/parallel.py).
+  Evaluation is greedy on a fixed subset (`--eval-size`).
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
                     log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
                 opt.zero_grad(set_to_none=True)
                 save(step, opt)
+                dist.barrier()  # torchrun ends the others when one rank exits: not while rank 0 writes
                 sys.exit(130)
         if step > start:  # this run trained in this epoch
             log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
@@ -495,6 +498,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
     label, step = f"LLM after GRPO (step {cfg.steps})", cfg.steps
     if cfg.select == "best" and state.best:  # the weights of the best validation MAE
         step = state.best.step
+        dist.barrier()  # rank 0 may still be writing it
         model = distribute(load_model(state.best.path, dtype, load_to), dist, compute)
         label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
     final = score_test(model, "test (GRPO)", fidelity)
@@ -507,6 +511,8 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         print(table)
         plot(out)
     if torch.distributed.is_initialized():
+        # together: a rank that tears gloo down while rank 0 still writes can abort at exit
+        dist.barrier()
         torch.distributed.destroy_process_group()
 
 

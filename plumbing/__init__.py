@@ -2,7 +2,9 @@
 
 - cli.py: train.py's flags (RunConfig), their paper and demo defaults, and their checks.
 - experiment.py: assembling a run: data and baselines, the demo's tokenizer and model, the teacher's
-  traces, data-parallel processes.
+  traces, the memory plan of the run.
+- parallel.py: running as one of N torchrun processes: data parallel, and FSDP (--fsdp).
+- memory.py: the memory plan: what a run will hold on its device, before any weight loads.
 - checkpoints.py: Hugging Face checkpoint folders in and out (safetensors only), training checkpoints.
 - tokenizer.py: `tokenizer.json` through `tokenizers`, chat formats, the demo's BPE trainer.
 - readers.py: Amazon, MovieLens, Yelp and CSV rating files (docs/data.md).

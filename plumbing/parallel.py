@@ -90,7 +90,10 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
     dtype, which FSDP requires of a unit); gradients are reduced in fp32."""
     # a sparse embedding gradient cannot be reduce-scattered; FSDP needs it dense
     model.embed_tokens.sparse = False
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    # cast_forward_inputs off: our forward casts under autocast itself, and the cast would rebuild the
+    # argument containers the sampler's KV cache travels in
+    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+          if compute_dtype else None)
     kwargs = {"mp_policy": mp} if mp else {}
     for block in model.layers:
         fully_shard(block, **kwargs)
@@ -110,6 +113,7 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether shard() has been applied to `model`."""
     return isinstance(model, FSDPModule)
 
 

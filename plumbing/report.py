@@ -25,7 +25,8 @@ from reczero import RatingMetrics, Reward, parse_output, rating_metrics
 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
-             fidelity=None, scale: tuple[float, float] = RATING_SCALE, dist: Distributed | None = None) -> RatingMetrics:
+             fidelity=None, scale: tuple[float, float] = RATING_SCALE,
+             dist: Distributed | None = None) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
     fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
     (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's.

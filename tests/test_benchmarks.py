@@ -117,3 +117,22 @@ def test_memory_table(capsys):
         assert plan.gathered_sampling == full.parameters * 2  # the whole model in bf16 while sampling
     assert rows[("Qwen2.5-7B", "--fsdp --grad-checkpointing, 4 GPUs")].total < 80e9
     assert capsys.readouterr().out.count("| Qwen2.5-") == 24
+
+
+def test_bench_fsdp_under_torchrun():
+    """Two gloo ranks: each mode holds what the memory plan says, and FSDP takes data parallel's steps."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          str(root / "benchmarks" / "bench_fsdp.py"), "--steps", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {m: re.findall(r"([\d.]+) \(([\d.]+)\)", line) for m, line in
+            re.findall(r"^\| (data parallel|fsdp) \|(.*)$", out.stdout, re.M)}
+    assert len(rows["data parallel"]) == len(rows["fsdp"]) == 3
+    for (held, plan), (held_dp, _) in zip(rows["fsdp"], rows["data parallel"]):
+        assert held == plan and float(held) == pytest.approx(float(held_dp) / 2, abs=0.06)  # half on each rank
+    weight_diff = float(re.search(r"max weight difference ([\d.e+-]+)", out.stdout).group(1))
+    assert weight_diff < 1e-5

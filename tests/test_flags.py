@@ -97,6 +97,7 @@ def test_split_flag_reaches_the_data():
     (["--temperature", "0"], "--temperature 0.0: must be > 0 (for training rollouts"),
     (["--rationalise-rate", "1.5"], "--rationalise-rate 1.5: must be in [0, 1]"),
     (["--lora-rank", "4"], "--lora-rank needs --model"),
+    (["--fsdp"], "--fsdp shards the model across the processes of a torchrun job"),
 ])
 def test_flags_that_make_no_sense_stop_before_any_work(args, message, capsys):
     """Every numeric flag is checked against its range at once: one line, exit code 2."""

@@ -45,18 +45,29 @@ def _worker(rank, world, init_file, out_file, fn, args):
         result = fn(Distributed(rank, world, fsdp=True), *args)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in result.items()}, out_file)
-    except BaseException:
+        dist.barrier()  # together: a rank tearing gloo down while another still works can abort at exit
+        dist.destroy_process_group()
+    except BaseException:  # leave at once: the other rank's next collective then fails instead of waiting
         import traceback
 
         traceback.print_exc()
         code = 1
-    finally:
-        dist.destroy_process_group()
     # Leave without the interpreter's teardown: gloo's threads can abort ("terminate called without an
     # active exception", exit -6) while C++ statics are destroyed, after the work is done and checked.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _join(procs, timeout: float):
+    """Wait for every rank; one that fails leaves the others waiting in a collective: end them."""
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(code == 0 for code in codes), f"rank exit codes {codes} (None: still running after {timeout} s)"
 
 
 def run_ranks(tmp_path: Path, fn, *args, world: int = 2) -> dict[str, torch.Tensor]:
@@ -69,9 +80,7 @@ def run_ranks(tmp_path: Path, fn, *args, world: int = 2) -> dict[str, torch.Tens
              for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=180)
-    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+    _join(procs, 180)
     return load_file(out)
 
 
@@ -236,8 +245,9 @@ def _train_rank(rank, world, port, argv):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     sys.path.insert(0, str(Path(__file__).parent))
-    import train
     from tiny_runs import varied_rewards
+
+    import train
 
     varied_rewards(type("Patch", (), {"setattr": staticmethod(setattr)}))
     code = 0
@@ -268,9 +278,7 @@ def torchrun(argv: list[str], world: int = 2):
     procs = [ctx.Process(target=_train_rank, args=(r, world, port, argv)) for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+    _join(procs, 300)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -281,8 +289,9 @@ def test_fsdp_run_takes_the_data_parallel_steps_and_resumes_exactly(tmp_path, mo
     """The demo's RecOne on 2 ranks, with and without --fsdp: the same cold start as one process (SFT
     splits each batch's rows), the same GRPO steps (losses, grad norms, weights); a --fsdp run stopped
     at step 2 and resumed reaches the uninterrupted run's step-3 weights exactly."""
-    import train
     from tiny_runs import TINY, metrics, varied_rewards
+
+    import train
 
     args = TINY + ["--steps", "3", "--save-every", "1"]
     varied_rewards(monkeypatch)
@@ -312,3 +321,34 @@ def test_fsdp_run_takes_the_data_parallel_steps_and_resumes_exactly(tmp_path, mo
     for name in ddp:
         torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=1e-4, msg=name)
         assert torch.equal(resumed[name], fsdp[name]), name
+
+
+def bf16_lora_step(dist: Distributed, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """LoRA as on a GPU: the frozen base in bf16, fp32 adapters, gathered in bf16 under autocast."""
+    model = tiny_model(seed=0).to(torch.bfloat16)
+    add_lora(model, 4, 8.0, seed=3)
+    if dist.fsdp:
+        shard(model, torch.bfloat16)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = grpo_update(model.train(), opt, rank_rows(batch, dist.rank, dist.world), GRPOConfig(max_new_tokens=8),
+                        all_reduce=dist.all_reduce if dist.world > 1 else None)
+    assert m["weights_finite"] == 1.0
+    dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+    assert dtypes == {torch.float32}, dtypes  # the adapters stay fp32 where they are kept
+    return {**(full_state_dict(model) or {}), "grad_norm": torch.tensor([m["grad_norm"]])}
+
+
+def test_bf16_base_with_fp32_adapters_shards(tmp_path):
+    """A bf16 base and fp32 adapters in one FSDP unit (gathered in bf16): the step trains only the
+    adapters and lands where one process's bf16 step does, to bf16 precision."""
+    batch = make_rollout()
+    one = bf16_lora_step(Distributed(), batch)
+    two = run_ranks(tmp_path, bf16_lora_step, batch)
+    start = tiny_model(seed=0).to(torch.bfloat16).state_dict()
+    for name, value in one.items():
+        if ".lora_B" in name:
+            assert value.abs().max() > 0  # trained (B starts at zero)
+        elif ".base." in name or (name in start and ".lora_" not in name):
+            assert torch.equal(two[name], start[name.replace(".base.", ".")]), name  # frozen
+        torch.testing.assert_close(two[name], value, atol=2e-3, rtol=2e-2, msg=name)
