@@ -15,9 +15,9 @@ import torch
 from data import Example, build_examples, count_duplicates, drop_duplicates, split_by_time
 from model import CheckpointError, ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
-from plumbing.checkpoints import load_model
+from plumbing.checkpoints import load_config, load_model
 from plumbing.cli import RunConfig, fail, lora_targets
-from plumbing.memory import MemoryPlan, plan_memory, prompt_length
+from plumbing.memory import MemoryPlan, plan_memory, prompt_length, teacher_bytes
 from plumbing.readers import load_ratings
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
@@ -111,6 +111,9 @@ def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
 # RecOne's cold-start traces
 
 
+TEACHER_BATCH = 16  # traces a --teacher model writes at a time (its KV cache is in the memory plan)
+
+
 def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype, device, log) -> list[Trace]:
     """RecOne's trace set: from --sft-traces, or written by the teacher for --cold-start-size training
     examples drawn at random (seeded; all of them when there are fewer)."""
@@ -129,7 +132,8 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
             tok.check_fits(model.config.vocab_size, cfg.teacher)
         except CheckpointError as e:
             fail(f"--teacher: {e}")
-        teacher = ModelTeacher(model, Prompter(tok, prompter.caps, prompter.system), cfg.max_new_tokens, seed=cfg.seed)
+        teacher = ModelTeacher(model, Prompter(tok, prompter.caps, prompter.system), cfg.max_new_tokens,
+                               batch=TEACHER_BATCH, seed=cfg.seed)
     asked = task.train
     if cfg.cold_start_size < len(asked):  # seeded random: the head of the time-sorted list has the thinnest histories
         rng = np.random.default_rng([cfg.seed, 7])
@@ -154,10 +158,16 @@ def trace_fidelity(cfg: RunConfig, task: TaskData) -> TraceFidelity | None:
 def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: TaskData, weight_dtype,
                 compute_dtype, world: int) -> MemoryPlan:
     """The memory plan (plumbing/memory.py) of this run, per process, with the longest of its first
-    256 training prompts."""
-    return plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
+    256 training prompts; the --teacher model counts when this run's cold start will load it."""
+    prompt_tokens = prompt_length([prompter(e) for e in task.train[:256]])
+    teacher = 0
+    if cfg.mode == "recone" and not cfg.resume and not cfg.sft_traces and cfg.teacher != "heuristic":
+        teacher = teacher_bytes(load_config(cfg.teacher), compute_dtype.itemsize, rows=TEACHER_BATCH,
+                                tokens=prompt_tokens + cfg.max_new_tokens)
+    plan = plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
                        lora_rank=cfg.lora_rank, lora_targets=lora_targets(cfg), beta=cfg.beta,
-                       rows=cfg.prompts_per_step // world * cfg.samples,
-                       prompt_tokens=prompt_length([prompter(e) for e in task.train[:256]]),
+                       rows=cfg.prompts_per_step // world * cfg.samples, prompt_tokens=prompt_tokens,
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
                        grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1)
+    plan.teacher = teacher
+    return plan

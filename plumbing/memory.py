@@ -16,6 +16,9 @@ With FSDP over N ranks (--fsdp) the weights, gradients, AdamW and the reference 
 what is gathered whole at a time: the whole model while sampling, two blocks and the root unit
 (embedding, final norm, head) during the update.
 
+RecOne with a --teacher model holds that model (compute dtype) and its KV cache next to the weights
+during the cold start; it is freed before training, so the peak is the larger of the two phases.
+
 Not counted: the allocator's fragmentation and workspace (often 5-15% on CUDA), CUDA context
 (~0.5 GB), temporaries inside single operations. The plan is a floor, not a promise.
 """
@@ -49,23 +52,27 @@ class MemoryPlan:
     largest_activation: int
     gathered_sampling: int = 0  # FSDP: the whole model, gathered for the rollout (parallel.gathered)
     gathered_update: int = 0  # FSDP: the units gathered at once in the update (two blocks and the root)
+    teacher: int = 0  # RecOne's --teacher model and its KV cache, held with the weights during the cold start
 
     @property
     def total(self) -> int:
         # the sampler's cache is freed before the update, whose activations are the peak
-        return (self.weights + self.gradients + self.optimizer + self.reference
-                + max(self.kv_cache + self.gathered_sampling,
-                      self.activations + self.largest_activation + self.gathered_update))
+        training = (self.weights + self.gradients + self.optimizer + self.reference
+                    + max(self.kv_cache + self.gathered_sampling,
+                          self.activations + self.largest_activation + self.gathered_update))
+        return max(training, self.weights + self.teacher)  # the teacher is freed before training starts
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("AdamW moments", self.optimizer),
                 ("reference model (--beta > 0)", self.reference), ("KV cache while sampling", self.kv_cache),
                 ("activations of one micro-batch", self.activations),
                 ("largest single activation (output-head chunk)", self.largest_activation)]
+        if self.teacher:
+            rows += [("--teacher model and its KV cache (cold start only)", self.teacher)]
         if self.gathered_sampling:
             rows += [("FSDP: whole weights gathered while sampling", self.gathered_sampling),
                      ("FSDP: units gathered during the update", self.gathered_update)]
-        rows += [("peak (cache or activations, not both)", self.total)]
+        rows += [("peak (cache or activations, not both; or the teacher)", self.total)]
         head = f"memory plan: {self.parameters / 1e6:,.1f}M parameters, {self.trainable / 1e6:,.1f}M trained"
         return "\n".join([head] + [f"  {name:<48} {_size(value):>10}" for name, value in rows])
 
@@ -116,6 +123,15 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
 
 def _split(n_bytes: int, shards: int) -> int:
     return -(-n_bytes // shards)  # FSDP pads each tensor to a multiple of the ranks: round up
+
+
+def teacher_bytes(config: ModelConfig, compute_bytes: int, rows: int, tokens: int) -> int:
+    """A --teacher model in the compute dtype, and its sampler's KV cache for `rows` prompts of up to
+    `tokens` positions (teachers.ModelTeacher writes 16 traces at a time)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * rows * tokens * compute_bytes
+    return n * compute_bytes + kv
 
 
 def device_bytes(device: str) -> int:

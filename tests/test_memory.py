@@ -11,7 +11,7 @@ import grpo
 import lora
 import train
 from model import ModelConfig, Transformer
-from plumbing.memory import fits, plan_memory
+from plumbing.memory import fits, plan_memory, teacher_bytes
 
 
 def one_step(model, micro_batch=4):
@@ -93,6 +93,21 @@ def test_kv_cache_by_hand():
     assert "--lora-rank 16" in fits(plan, plan.total - 1)
 
 
+def test_teacher_by_hand_and_only_during_the_cold_start():
+    """A --teacher: its weights in the compute dtype plus its KV cache, held next to the policy's weights
+    only: the peak is the larger of the cold start and training."""
+    cfg = ModelConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    n = sum(p.numel() for p in Transformer(cfg).parameters())
+    assert teacher_bytes(cfg, 2, rows=16, tokens=40) == n * 2 + 2 * 2 * 2 * 16 * 16 * 40 * 2
+    plan = plan_memory(cfg, weight_bytes=4, compute_bytes=2, rows=8, prompt_tokens=30, new_tokens=10, micro_batch=2)
+    training = plan.total
+    plan.teacher = training  # a teacher bigger than everything training holds besides the weights
+    assert plan.total == plan.weights + training
+    plan.teacher = 1
+    assert plan.total == training
+
+
 def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, capsys):
     """--dry-run needs config.json and the tokenizer only: here the weights file is not even there."""
     base = tmp_path / "base"
@@ -104,6 +119,10 @@ def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, capsys):
                 str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert "memory plan: 0.5M parameters" in out and "KV cache while sampling" in out
+    assert "--teacher model" not in out
+    train.main(["--model", str(base / "cold_start"), "--teacher", str(base / "cold_start"), "--dry-run",
+                "--synthetic-users", "150", "--out", str(tmp_path / "o")])
+    assert "--teacher model and its KV cache (cold start only)" in capsys.readouterr().out
 
 
 def test_a_run_that_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
