@@ -458,7 +458,7 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         return
     if cfg.mode == "recone" and (not cfg.resume or state.sft_step is not None):
         if state.sft_step is None:  # a new cold start; its traces are kept, so a resumed SFT needs no teacher
-            traces = cold_start_traces(cfg, task, prompter, compute, device, log)
+            traces = cold_start_traces(cfg, task, prompter, compute, device, log, dist)
             state.sft_step, state.sft_traces = 0, str(out / "cold_start_traces.jsonl")
             if dist.rank == 0:
                 save_traces(traces, Path(state.sft_traces))

@@ -18,6 +18,7 @@ from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_config, load_model
 from plumbing.cli import RunConfig, fail, lora_targets
 from plumbing.memory import MemoryPlan, plan_memory, prompt_length, teacher_bytes
+from plumbing.parallel import Distributed
 from plumbing.readers import load_ratings
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
@@ -114,9 +115,12 @@ def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
 TEACHER_BATCH = 16  # traces a --teacher model writes at a time (its KV cache is in the memory plan)
 
 
-def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype, device, log) -> list[Trace]:
+def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype, device, log,
+                      dist: Distributed | None = None) -> list[Trace]:
     """RecOne's trace set: from --sft-traces, or written by the teacher for --cold-start-size training
-    examples drawn at random (seeded; all of them when there are fewer)."""
+    examples drawn at random (seeded; all of them when there are fewer). Under torchrun a --teacher
+    model, the slow part of RecOne, is asked by all ranks, each about its share of the examples; the
+    heuristic teacher (fast, and drawing from one seeded stream) answers all of them on every rank."""
     if cfg.sft_traces:
         try:
             traces = load_traces(cfg.sft_traces, task.train)
@@ -138,7 +142,7 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
     if cfg.cold_start_size < len(asked):  # seeded random: the head of the time-sorted list has the thinnest histories
         rng = np.random.default_rng([cfg.seed, 7])
         asked = [asked[i] for i in sorted(rng.choice(len(asked), cfg.cold_start_size, replace=False))]
-    traces, stats = build_cold_start(teacher, asked, task.scale)
+    traces, stats = build_cold_start(teacher, asked, task.scale, dist if isinstance(teacher, ModelTeacher) else None)
     print(f"cold start: {stats}")
     if not traces:
         fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "

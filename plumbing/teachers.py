@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -241,11 +241,18 @@ def quotes_hint(text: str) -> bool:
     return _HINT_QUOTE.search(text) is not None
 
 
-def build_cold_start(teacher, examples: list[Example], scale: tuple[float, float] = RATING_SCALE
-                     ) -> tuple[list[Trace], TraceStats]:
+def build_cold_start(teacher, examples: list[Example], scale: tuple[float, float] = RATING_SCALE,
+                     dist=None) -> tuple[list[Trace], TraceStats]:
     """RecOne's trace set: D_align (own rating == truth) plus D_misalign (re-asked with the truth, kept
     only if the new trace ends at the truth without citing it: see quotes_hint).
-    `teacher.write(examples, hints)` returns one text each."""
+    `teacher.write(examples, hints)` returns one text each. Under torchrun (`dist`, a
+    parallel.Distributed) each rank asks every dist.world-th example and every rank gets all traces."""
+    if dist is not None and dist.world > 1:
+        traces, stats = build_cold_start(teacher, examples[dist.rank::dist.world], scale)
+        where = {id(ex): k for k, ex in enumerate(examples)}
+        mine = [(where[id(t.example)], t.text, t.rationalised) for t in traces]  # indices travel, not examples
+        traces = [Trace(examples[k], text, r) for k, text, r in sorted(dist.gather_objects(mine))]
+        return traces, TraceStats(*map(sum, zip(*dist.gather_objects([astuple(stats)]))))
     first = teacher.write(examples)
     traces, wrong = [], []
     for ex, text in zip(examples, first):

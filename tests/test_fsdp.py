@@ -352,3 +352,50 @@ def test_bf16_base_with_fp32_adapters_shards(tmp_path):
         elif ".base." in name or (name in start and ".lora_" not in name):
             assert torch.equal(two[name], start[name.replace(".base.", ".")]), name  # frozen
         torch.testing.assert_close(two[name], value, atol=2e-3, rtol=2e-2, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# RecOne's teacher under torchrun: each rank asks its share, every rank gets every trace
+
+
+class ByExample:
+    """A teacher whose answers depend on the example only (not on its batch): right about a third of
+    them, and when told the truth, rationalises another third."""
+
+    def write(self, examples, hints=None):
+        texts = []
+        for k, ex in enumerate(examples):
+            kind = sum(map(ord, ex.target.user_id + ex.target.item_id)) % 3
+            right = (kind == 0) if hints is None else (kind == 1)
+            rating = ex.label if right else ex.label + 1
+            texts.append(f"<analyze user>u</analyze user><analyze item>i</analyze item><match>m</match>"
+                         f"<rate>{rating:g}</rate>")
+        return texts
+
+
+def _examples():
+    from data import build_examples, split_by_time
+    from plumbing.synthetic import SyntheticConfig, make_synthetic
+
+    data = make_synthetic(SyntheticConfig(n_users=60, seed=5))
+    return build_examples(data, split_by_time(data).test)[:25]
+
+
+def cold_start_on_ranks(dist: Distributed) -> dict[str, torch.Tensor]:
+    from plumbing.teachers import build_cold_start
+
+    examples = _examples()
+    traces, stats = build_cold_start(ByExample(), examples, dist=dist)
+    where = {id(ex): k for k, ex in enumerate(examples)}
+    return {"index": torch.tensor([where[id(t.example)] for t in traces]),
+            "rationalised": torch.tensor([t.rationalised for t in traces]),
+            "stats": torch.tensor([stats.asked, stats.aligned, stats.rationalised, stats.dropped, stats.quoted_hint])}
+
+
+def test_teacher_asked_by_two_ranks_gives_one_process_traces(tmp_path):
+    """25 examples asked by 2 ranks (13 + 12): the same traces, in the same order, and the same counts."""
+    one = cold_start_on_ranks(Distributed())
+    two = run_ranks(tmp_path, cold_start_on_ranks)
+    assert one["stats"][0] == 25 and 0 < one["stats"][1] < 25 and one["stats"][2] > 0  # aligned and rationalised
+    for key in one:
+        assert torch.equal(two[key], one[key]), key
