@@ -235,7 +235,9 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
             lp, ent = _chunk_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
-    flat_lp = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
+    # no position to score: an empty result still tied to the forward pass, so backward runs through it
+    # (and FSDP ranks, which meet in every backward, all take part)
+    flat_lp = torch.cat(logps) if logps else h.sum(-1).float()
     flat_ent = torch.cat(ents) if ents else flat_lp.detach()
     zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=input_ids.device)
     return zeros.masked_scatter(loss_mask, flat_lp), zeros.masked_scatter(loss_mask, flat_ent.detach())
@@ -336,6 +338,8 @@ def _batch_logprobs(policy, batch: RolloutBatch, mask, cfg: GRPOConfig) -> torch
     for rows in _micro_batches(len(mask), cfg.micro_batch):
         out[rows] = token_logprobs(policy, batch.input_ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
                                    *_group_args(policy, batch, rows, cfg))[0]
+    if hasattr(policy, "reshard"):  # FSDP (plumbing/parallel.py) frees the root's weights in backward: none here
+        policy.reshard()
     return out
 
 
@@ -437,6 +441,10 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
         bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
         weights_finite = float(_scalar(all_reduce(bad) if all_reduce is not None else bad) == 0)
     n_tok = max(int(mask.sum()), 1)
+    if all_reduce is not None:  # each rank summed its part of the globally normalised losses: add the parts
+        parts = all_reduce(torch.tensor([totals[k] for k in ("loss", "pg_loss", "kl")], dtype=torch.float64,
+                                        device=mask.device))
+        totals.update(zip(("loss", "pg_loss", "kl"), parts.tolist()))
     metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
     for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):
         metrics[k] /= n_tok  # token means

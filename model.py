@@ -216,7 +216,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        new_kv = (k, v)
+        new_kv = (k, v.contiguous()) if return_kv else None  # not a view: FSDP warns about returned views
         if prefix is not None:
             k, v = torch.cat((prefix[0], k), 2), torch.cat((prefix[1], v), 2)
         if kv is not None:

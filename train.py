@@ -388,7 +388,7 @@ def with_lora(model, cfg: RunConfig):
 def distribute(model, dist: Distributed, compute):
     """`model` sharded across the ranks with --fsdp (plumbing/parallel.py: loaded whole on the CPU, each
     rank keeps its shard on its device), else unchanged."""
-    return shard(model, compute) if dist.fsdp else model
+    return shard(model, compute, dist.device) if dist.fsdp else model
 
 
 def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):
@@ -440,8 +440,9 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         fail(str(e))
     model = distribute(model, dist, compute)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
-          f"compute {compute}, {device}")
+    if dist.rank == 0:
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.config.arch}, weights {dtype}, "
+              f"compute {compute}, {device}" + (f", sharded over {dist.world} ranks" if dist.fsdp else ""))
     fidelity = trace_fidelity(cfg, task)
 
     def score_test(model, desc: str, fidelity=None) -> RatingMetrics:  # greedy decoding scored on the test split

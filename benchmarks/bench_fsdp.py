@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,7 +75,7 @@ def run(mode: str, cfg: ModelConfig, part: grpo.RolloutBatch, args, dist, comput
     torch.manual_seed(0)
     model = Transformer(cfg).to(args.device if mode == "data parallel" else "cpu")
     if mode == "fsdp":
-        shard(model, compute)
+        shard(model, compute, args.device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     gcfg = grpo.GRPOConfig(max_new_tokens=args.completion_len, micro_batch=args.micro_batch)
@@ -131,3 +132,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # leave without the interpreter's teardown: gloo's threads can abort it ("terminate called without an
+    # active exception") after the work is done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

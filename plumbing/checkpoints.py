@@ -117,8 +117,12 @@ def recover(path) -> Path:
     path = Path(path)
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
-        os.replace(old, path)
-        print(f"{path}: recovered from {old.name} (a run was killed while replacing it)")
+        try:
+            os.replace(old, path)
+            print(f"{path}: recovered from {old.name} (a run was killed while replacing it)")
+        except FileNotFoundError:  # another rank of a torchrun job put it back first
+            if not path.is_dir():
+                raise
     return path
 
 

@@ -199,6 +199,11 @@ SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select",
                   "resume", "resume_override")
 
 
+# How this process was launched, not what the run computes: never taken from the checkpoint (an --fsdp
+# checkpoint is one whole folder, and resumes in one process, under torchrun, sharded or not).
+LAUNCH_FLAGS = ("fsdp",)
+
+
 def saved_run(checkpoint: str) -> dict:
     """The step and flags of a checkpoint written by train.py (put back from `.old` if a kill left
     only that); one line on failure."""
@@ -225,7 +230,7 @@ def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
     for name, default in defaults.items():
         value, old = given[name], saved["args"].get(name, default)
         if value is None:
-            value = old
+            value = default if name in LAUNCH_FLAGS else old
         elif value != old and name not in allowed:
             changed.append(f"--{name.replace('_', '-')} {value} (checkpoint: {old})")
         values[name] = value

@@ -143,7 +143,8 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
         rng = np.random.default_rng([cfg.seed, 7])
         asked = [asked[i] for i in sorted(rng.choice(len(asked), cfg.cold_start_size, replace=False))]
     traces, stats = build_cold_start(teacher, asked, task.scale, dist if isinstance(teacher, ModelTeacher) else None)
-    print(f"cold start: {stats}")
+    if dist is None or dist.rank == 0:
+        print(f"cold start: {stats}")
     if not traces:
         fail(f"cold start: none of the {stats.asked} teacher traces ended at the true rating; "
              "ask more examples (--cold-start-size), use another --teacher, or --mode reczero")

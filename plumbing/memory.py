@@ -13,8 +13,8 @@ recomputed. The output head works on 1024 positions at a time (grpo.token_logpro
 tensor is 1024 x vocab fp32.
 
 With FSDP over N ranks (--fsdp) the weights, gradients, AdamW and the reference are 1/N each, plus
-what is gathered whole at a time: the whole model while sampling, two blocks and the root unit
-(embedding, final norm, head) during the update.
+what is gathered whole at a time, in the weights' dtype: the whole model while sampling, and during
+the update two blocks, the root unit (embedding, final norm, head) and the root's fp32 gradient.
 
 RecOne with a --teacher model holds that model (compute dtype) and its KV cache next to the weights
 during the cold start; it is freed before training, so the peak is the larger of the two phases.
@@ -87,8 +87,8 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
     micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
     shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
-    evenly; sampling holds a whole copy in the compute dtype, the update two blocks and the root unit
-    (embedding, final norm, head) gathered at once."""
+    evenly; sampling holds a whole copy of the weights, the update two blocks, the root unit
+    (embedding, final norm, head) and the root's gradient, gathered."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -110,15 +110,19 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
     else:
         floats = tokens * (per_layer * c.num_layers + outside)
     n_block = sum(p.numel() for p in model.layers[0].parameters())
-    n_root = n_all - c.num_layers * n_block
+    n_root = n_all - c.num_layers * n_block  # embedding, final norm, head: FSDP's root unit, in its own dtype
+    n_root_trained = n_train - sum(p.numel() for p in model.layers.parameters() if p.requires_grad)
     return MemoryPlan(
         parameters=n_all, trainable=n_train, weights=_split(weights, shards),
         gradients=_split(n_train * train_bytes, shards), optimizer=_split(2 * n_train * train_bytes, shards),
         reference=_split(n_all * compute_bytes, shards) if beta > 0 else 0,
         kv_cache=kv_cache, activations=floats * compute_bytes,
         largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4,
-        gathered_sampling=n_all * compute_bytes if shards > 1 else 0,
-        gathered_update=(2 * n_block + n_root) * compute_bytes if shards > 1 else 0)
+        # FSDP gathers weights in their own dtype (LoRA: the base's, adapters included)
+        gathered_sampling=n_all * base_bytes if shards > 1 else 0,
+        # two blocks (one running, one prefetched), the root, and the root's whole fp32 gradient before
+        # its reduce-scatter (the root is gathered from forward to the end of backward)
+        gathered_update=((2 * n_block + n_root) * base_bytes + n_root_trained * 4) if shards > 1 else 0)
 
 
 def _split(n_bytes: int, shards: int) -> int:

@@ -27,10 +27,12 @@ forward and kept until its backward (the head runs outside forward(), in grpo.to
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -72,7 +74,10 @@ def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 and not fsdp:
         return Distributed(device=device)
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # 30 minutes (NCCL's default is 10): the other ranks wait in their next collective while rank 0
+    # writes a checkpoint, and a 7B model with its AdamW moments is ~90 GB
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(minutes=30))
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = f"cuda:{torch.cuda.current_device()}"
@@ -83,23 +88,26 @@ def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
 # FSDP
 
 
-def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Shard `model` (our Transformer, optionally with LoRA adapters) across all ranks in place: one
-    FSDP unit per decoder block, and the root (embedding, final norm, head). compute_dtype: gather
-    the weights in this dtype (bf16 halves the traffic, and makes a bf16 base with fp32 adapters one
-    dtype, which FSDP requires of a unit); gradients are reduced in fp32."""
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None, device: str = "cpu") -> torch.nn.Module:
+    """Shard `model` (our Transformer, optionally with LoRA adapters) across all ranks in place, each
+    rank's shards going to `device` ("cpu", "cuda"): one FSDP unit per decoder block, and the root
+    (embedding, final norm, head). Weights are gathered in their own dtype, so every operation sees
+    what it sees in one process (autocast casts to compute_dtype as usual); only a unit that mixes
+    dtypes, LoRA's bf16 base with its fp32 adapters, is gathered in compute_dtype, as FSDP needs one
+    dtype per unit. Gradients are reduced in fp32."""
+    mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
     # a sparse embedding gradient cannot be reduce-scattered; FSDP needs it dense
     model.embed_tokens.sparse = False
+    mixed = len({p.dtype for p in model.parameters()}) > 1
     # cast_forward_inputs off: our forward casts under autocast itself, and the cast would rebuild the
     # argument containers the sampler's KV cache travels in
-    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-          if compute_dtype else None)
-    kwargs = {"mp_policy": mp} if mp else {}
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype if mixed else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.layers:
-        fully_shard(block, **kwargs)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     # the root keeps its weights gathered from forward to the end of backward: the output head runs
     # outside forward() (grpo.token_logprobs), and again when its checkpointed chunks are recomputed
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             # Our losses are normalised over the global batch already (grpo.aggregation_weights and
@@ -163,9 +171,9 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     opt = optimizer.state_dict()
     state = {}
     for i in sorted(opt["state"]):  # the same order on every rank: each gather pairs up
-        moments = {k: _full(v).cpu() for k, v in opt["state"][i].items()}
+        moments = {k: _full(v) for k, v in opt["state"][i].items()}
         if _rank() == 0:
-            state[i] = moments
+            state[i] = {k: v.cpu() for k, v in moments.items()}
     return {"state": state, "param_groups": opt["param_groups"]}
 
 

@@ -3,6 +3,7 @@ before any work with one line and exit code 2, and each data flag reaches the ex
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,14 @@ def test_duplicate_ratings_are_reported_or_dropped(tmp_path, capsys):
                                     "--drop-duplicates"]))
     assert "dropped 5 duplicate" in capsys.readouterr().out
     assert len(dropped.train) < len(warned.train)
+
+
+def test_fsdp_is_how_a_run_is_launched_not_a_flag_a_resume_inherits(tmp_path):
+    """A checkpoint written with --fsdp (one whole folder) resumes in one process without --no-fsdp."""
+    from plumbing.cli import parse_args
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "param_groups": [], "args": {"fsdp": True, "steps": 3, "lr": 5e-5}}))
+    cfg = parse_args(["--resume", str(tmp_path)])
+    assert cfg.fsdp is False and cfg.lr == 5e-5  # the other flags are still the checkpoint's
+    assert parse_args(["--resume", str(tmp_path), "--fsdp"]).fsdp is True

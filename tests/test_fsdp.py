@@ -114,11 +114,15 @@ def _policy(lora_rank: int):
 
 def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank: int = 0, checkpointing=False,
               steps: int = 2) -> dict[str, torch.Tensor]:
-    """`steps` GRPO updates of the tiny model on this rank's share of `batch`; the whole weights after."""
+    """`steps` GRPO updates of the tiny model on this rank's share of `batch`; the whole weights after.
+    With cfg.beta > 0 the reference is another tiny model (seed 1), sharded like the policy."""
     model = _policy(lora_rank)
     model.gradient_checkpointing = checkpointing
+    ref = tiny_model(seed=1).requires_grad_(False) if cfg.beta > 0 else None
     if dist.fsdp:
         shard(model)
+        if ref is not None:
+            shard(ref)
     model.train()
     # SGD, not AdamW: its step is proportional to the gradient, so averaged instead of summed gradients
     # (or one rank's part lost) would show in the weights; AdamW's would hide a scale
@@ -126,9 +130,12 @@ def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank
     part = rank_rows(batch, dist.rank, dist.world)
     norms = []
     for _ in range(steps):
-        m = grpo_update(model, opt, part, cfg, all_reduce=dist.all_reduce if dist.world > 1 else None)
+        m = grpo_update(model, opt, part, cfg, ref, all_reduce=dist.all_reduce if dist.world > 1 else None)
         assert m["weights_finite"] == 1.0 and m["skipped"] == 0.0
         norms.append(m["grad_norm"])
+    if dist.fsdp:  # no-grad passes (pi_old for mu > 1, the reference) leave no unit gathered
+        for net in (model, ref) if ref is not None else (model,):
+            assert all(isinstance(p, DTensor) for p in net.parameters())
     def local_bytes(tensors) -> int:  # what this rank holds: its shards
         return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
@@ -137,14 +144,15 @@ def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank
     return {**(full_state_dict(model) or {}), "grad_norms": torch.tensor(norms), "held_bytes": held}
 
 
-@pytest.mark.parametrize("lora_rank,checkpointing,micro_batch,max_grad_norm",
-                         [(0, False, None, 1e9), (0, False, 5, 0.05), (4, True, 3, 1e9)])
-def test_sharded_grpo_steps_match_one_process(tmp_path, lora_rank, checkpointing, micro_batch, max_grad_norm):
-    """Full fine-tuning (tied embedding, shared prompt passes) unclipped and clipped by the global norm,
-    and LoRA with gradient checkpointing and micro-batches: two sharded ranks reach the single process's
-    weights and grad norms after 2 steps."""
+@pytest.mark.parametrize("lora_rank,checkpointing,micro_batch,max_grad_norm,mu,beta",
+                         [(0, False, None, 1e9, 1, 0.0), (0, False, 5, 0.05, 2, 0.1), (4, True, 3, 1e9, 1, 0.0)])
+def test_sharded_grpo_steps_match_one_process(tmp_path, lora_rank, checkpointing, micro_batch, max_grad_norm,
+                                              mu, beta):
+    """Full fine-tuning (tied embedding, shared prompt passes) unclipped; clipped by the global norm with
+    2 passes per batch and a sharded KL reference; LoRA with gradient checkpointing and micro-batches:
+    two sharded ranks reach the single process's weights and grad norms after 2 steps."""
     batch = make_rollout()
-    cfg = GRPOConfig(max_new_tokens=8, micro_batch=micro_batch, max_grad_norm=max_grad_norm)
+    cfg = GRPOConfig(max_new_tokens=8, micro_batch=micro_batch, max_grad_norm=max_grad_norm, mu=mu, beta=beta)
     one = grpo_step(Distributed(), batch, cfg, lora_rank, checkpointing)
     two = run_ranks(tmp_path, grpo_step, batch, cfg, lora_rank, checkpointing)
     assert set(two) == set(one)
@@ -299,7 +307,7 @@ def test_fsdp_run_takes_the_data_parallel_steps_and_resumes_exactly(tmp_path, mo
     torchrun(args + ["--out", str(tmp_path / "ddp")])
     torchrun(args + ["--out", str(tmp_path / "fsdp"), "--fsdp"])
     torchrun(args + ["--out", str(tmp_path / "stop"), "--fsdp", "--steps", "2"])
-    torchrun(["--resume", str(tmp_path / "stop" / "checkpoint"), "--steps", "3"])
+    torchrun(["--resume", str(tmp_path / "stop" / "checkpoint"), "--steps", "3", "--fsdp"])  # not inherited
 
     sft_loss = {run: [r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))
                       if r["stage"] == "sft"] for run in ("one", "ddp", "fsdp")}
@@ -399,3 +407,25 @@ def test_teacher_asked_by_two_ranks_gives_one_process_traces(tmp_path):
     assert one["stats"][0] == 25 and 0 < one["stats"][1] < 25 and one["stats"][2] > 0  # aligned and rationalised
     for key in one:
         assert torch.equal(two[key], one[key]), key
+
+
+def gathered_dtypes(dist: Distributed) -> dict[str, torch.Tensor]:
+    """The dtypes a sharded model is gathered in, with bf16 compute: fp32 weights (full fine-tuning with
+    fp32 master weights), and a bf16 base with fp32 LoRA adapters."""
+    whole = shard(tiny_model(), torch.bfloat16)
+    adapted = tiny_model().to(torch.bfloat16)
+    add_lora(adapted, 4, 8.0)
+    shard(adapted, torch.bfloat16)
+    out = {}
+    for name, model in (("whole", whole), ("lora", adapted)):
+        with gathered(model):
+            out[name] = torch.tensor(sorted({p.dtype.itemsize for p in model.parameters()}))
+    return out
+
+
+def test_weights_are_gathered_in_their_own_dtype_unless_a_unit_mixes_dtypes(tmp_path):
+    """fp32 weights are gathered in fp32 (every operation then sees what it sees in one process, autocast
+    casting as usual: bf16 gathers rounded the norms' weights, 10x the micro-batch noise in a step); only
+    LoRA's mixed units are gathered in the compute dtype."""
+    got = run_ranks(tmp_path, gathered_dtypes)
+    assert got["whole"].tolist() == [4] and got["lora"].tolist() == [2]

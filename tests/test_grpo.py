@@ -489,3 +489,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_a_micro_batch_with_no_loss_tokens_still_runs_its_backward():
+    """--drop-truncated can leave a micro-batch without a single loss token. Its backward must still run
+    (FSDP ranks meet in every backward; a skipped one would leave the others waiting) and add nothing:
+    the update equals the one without that micro-batch's rows."""
+    batch = make_batch()
+    batch.truncated[:] = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # rows 0-1: micro-batch 1
+    cfg = GRPOConfig(drop_truncated=True, micro_batch=2)
+    policy = MockPolicy()
+    grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, cfg)
+    whole = MockPolicy()
+    grpo_update(whole, torch.optim.SGD(whole.parameters(), lr=1.0), batch, GRPOConfig(drop_truncated=True))
+    for a, b in zip(policy.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
