@@ -6,7 +6,8 @@ step's prompts and adds its gradient to the others' (grpo.grpo_update's all_redu
 FSDP (--fsdp): PyTorch's own fully_shard (FSDP2) splits every parameter, its gradient and AdamW's
 moments into N row shards, one per rank, so each GPU holds 1/N of them. Each decoder block is one
 unit: its full weights are gathered just before it runs and freed after; the backward pass sums the
-gradient shards across ranks (a reduce-scatter). Three places need more than that:
+gradient shards across ranks (a reduce-scatter). Weights are gathered in their own dtype, so a
+sharded step computes what one process computes (see shard()). Four places need more than that:
 
 - Sampling and evaluation run one forward per generated token, and ranks stop at different lengths.
   A gathered model could not serve a rank that stops early (the others would wait for it in the next
@@ -14,13 +15,16 @@ gradient shards across ranks (a reduce-scatter). Three places need more than tha
   the memory of one full copy of the weights for a while (what verl's vLLM rollout also holds).
 - Every rank must run the same number of forward/backward passes through the sharded model, or a
   gather waits forever: GRPO gives each rank the same number of rows; the cold-start SFT pads a
-  rank's short share with zero-weight micro-batches (train.sft).
+  rank's short share with zero-weight micro-batches (train.sft), and a micro-batch without a single
+  loss token still runs its backward (grpo.token_logprobs).
+- A pass without backward (the KL reference, pi_old for mu > 1) must free the root unit itself,
+  which otherwise stays gathered until a backward (grpo._batch_logprobs calls reshard()).
 - Checkpoints stay one plain Hugging Face folder: `full_state_dict` gathers each tensor in turn,
   rank 0 keeps it on the CPU and writes the folder; the others only take part in the gathers.
   Loading is the reverse: every rank reads the full file and keeps its own shard (`shard_like`).
 
 Simplifications: one shard group across all ranks (no hybrid sharding across nodes); no CPU
-offload; the embedding, final norm and output head form one more unit, gathered with the model's
+offload; every rank reads whole checkpoints into host memory before keeping its shard; the embedding, final norm and output head form one more unit, gathered with the model's
 forward and kept until its backward (the head runs outside forward(), in grpo.token_logprobs).
 """
 
