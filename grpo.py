@@ -227,7 +227,10 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
     assert not loss_mask[:, 0].any(), "position 0 has no preceding hidden state to predict it"
     h, targets = _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths, prompt_index)
     logps, ents = [], []
-    for i in range(0, h.shape[0], chunk_size):
+    # at least one chunk, even an empty one (no position to score): backward then still runs through
+    # the whole model and the head, whose gradients are zero but dense (FSDP ranks meet in every
+    # backward, and a tied embedding's lookup alone would leave a sparse gradient)
+    for i in range(0, max(h.shape[0], 1), chunk_size):
         args = (policy, h[i : i + chunk_size], targets[i : i + chunk_size], temperature)
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
@@ -235,10 +238,7 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
             lp, ent = _chunk_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
-    # no position to score: an empty result still tied to the forward pass, so backward runs through it
-    # (and FSDP ranks, which meet in every backward, all take part)
-    flat_lp = torch.cat(logps) if logps else h.sum(-1).float()
-    flat_ent = torch.cat(ents) if ents else flat_lp.detach()
+    flat_lp, flat_ent = torch.cat(logps), torch.cat(ents)
     zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=input_ids.device)
     return zeros.masked_scatter(loss_mask, flat_lp), zeros.masked_scatter(loss_mask, flat_ent.detach())
 
@@ -429,11 +429,17 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
         grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
         passes += 1
-        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+        bad = float(not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)))
+        if all_reduce is not None:  # one decision for all ranks, or their next collectives would not pair up
+            bad = all_reduce(torch.tensor([bad], device=mask.device)).item()
+        if bad:
             optimizer.zero_grad(set_to_none=True)  # never step on nan/inf: train.py relies on this
             skipped = 1.0
             break
         optimizer.step()
+        # autocast keeps the low-precision copy of each weight it casts until its region ends (train.py's
+        # spans the whole run): those copies are stale now
+        torch.clear_autocast_cache()
     # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
     weights_finite = 1.0
     if passes and not skipped:  # one device sync for all tensors, not one per tensor

@@ -164,6 +164,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
                 loss = dist.sum(loss)
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
+            torch.clear_autocast_cache()  # its low-precision copies of the weights are stale now (grpo_update)
             sched.step()
             step += 1
             bar.update()

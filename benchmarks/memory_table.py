@@ -9,7 +9,7 @@ Workload: the paper's step (8 prompts x 8 samples), --max-new-tokens 1024, --mic
 bf16 compute; prompts of ~800 tokens (MovieLens prompts measured ~780 tokens with 10 + 10 history
 entries). Per GPU: data parallel (torchrun) replicates all of it on every GPU; with --fsdp over N
 GPUs each holds 1/N of the weights, gradients and AdamW, samples 1/N of the rows, and gathers the
-whole model (in the weights' dtype) while sampling.
+whole model (in bf16) while sampling.
 """
 
 from __future__ import annotations

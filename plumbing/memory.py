@@ -13,8 +13,10 @@ recomputed. The output head works on 1024 positions at a time (grpo.token_logpro
 tensor is 1024 x vocab fp32.
 
 With FSDP over N ranks (--fsdp) the weights, gradients, AdamW and the reference are 1/N each, plus
-what is gathered whole at a time, in the weights' dtype: the whole model while sampling, and during
+what is gathered whole at a time, in the compute dtype: the whole model while sampling, and during
 the update two blocks, the root unit (embedding, final norm, head) and the root's fp32 gradient.
+In one process, fp32 weights with bf16 compute also hold autocast's bf16 copy of the trained weights
+(its cast cache lives until the optimizer step).
 
 RecOne with a --teacher model holds that model (compute dtype) and its KV cache next to the weights
 during the cold start; it is freed before training, so the peak is the larger of the two phases.
@@ -53,11 +55,12 @@ class MemoryPlan:
     gathered_sampling: int = 0  # FSDP: the whole model, gathered for the rollout (parallel.gathered)
     gathered_update: int = 0  # FSDP: the units gathered at once in the update (two blocks and the root)
     teacher: int = 0  # RecOne's --teacher model and its KV cache, held with the weights during the cold start
+    autocast_copies: int = 0  # bf16 copies autocast keeps of fp32 weights between optimizer steps
 
     @property
     def total(self) -> int:
         # the sampler's cache is freed before the update, whose activations are the peak
-        training = (self.weights + self.gradients + self.optimizer + self.reference
+        training = (self.weights + self.gradients + self.optimizer + self.reference + self.autocast_copies
                     + max(self.kv_cache + self.gathered_sampling,
                           self.activations + self.largest_activation + self.gathered_update))
         return max(training, self.weights + self.teacher)  # the teacher is freed before training starts
@@ -67,6 +70,8 @@ class MemoryPlan:
                 ("reference model (--beta > 0)", self.reference), ("KV cache while sampling", self.kv_cache),
                 ("activations of one micro-batch", self.activations),
                 ("largest single activation (output-head chunk)", self.largest_activation)]
+        if self.autocast_copies:
+            rows += [("autocast's bf16 copies of the fp32 weights", self.autocast_copies)]
         if self.teacher:
             rows += [("--teacher model and its KV cache (cold start only)", self.teacher)]
         if self.gathered_sampling:
@@ -87,8 +92,8 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
     micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
     shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
-    evenly; sampling holds a whole copy of the weights, the update two blocks, the root unit
-    (embedding, final norm, head) and the root's gradient, gathered."""
+    evenly; sampling holds a whole copy of the weights in the compute dtype, the update two blocks,
+    the root unit (embedding, final norm, head) and the root's gradient, gathered."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -118,11 +123,14 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         reference=_split(n_all * compute_bytes, shards) if beta > 0 else 0,
         kv_cache=kv_cache, activations=floats * compute_bytes,
         largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4,
-        # FSDP gathers weights in their own dtype (LoRA: the base's, adapters included)
-        gathered_sampling=n_all * base_bytes if shards > 1 else 0,
+        # FSDP gathers weights in the compute dtype
+        gathered_sampling=n_all * compute_bytes if shards > 1 else 0,
         # two blocks (one running, one prefetched), the root, and the root's whole fp32 gradient before
         # its reduce-scatter (the root is gathered from forward to the end of backward)
-        gathered_update=((2 * n_block + n_root) * base_bytes + n_root_trained * 4) if shards > 1 else 0)
+        gathered_update=((2 * n_block + n_root) * compute_bytes + n_root_trained * 4) if shards > 1 else 0,
+        # one process, fp32 weights under bf16 autocast: autocast keeps the bf16 copy of every weight it
+        # casts until the step (train.py clears it after each optimizer step)
+        autocast_copies=n_train * compute_bytes if shards == 1 and train_bytes > compute_bytes else 0)
 
 
 def _split(n_bytes: int, shards: int) -> int:

@@ -6,8 +6,8 @@ step's prompts and adds its gradient to the others' (grpo.grpo_update's all_redu
 FSDP (--fsdp): PyTorch's own fully_shard (FSDP2) splits every parameter, its gradient and AdamW's
 moments into N row shards, one per rank, so each GPU holds 1/N of them. Each decoder block is one
 unit: its full weights are gathered just before it runs and freed after; the backward pass sums the
-gradient shards across ranks (a reduce-scatter). Weights are gathered in their own dtype, so a
-sharded step computes what one process computes (see shard()). Four places need more than that:
+gradient shards across ranks (a reduce-scatter). Weights are gathered in the compute dtype (bf16 on
+GPUs, see shard()). Four places need more than that:
 
 - Sampling and evaluation run one forward per generated token, and ranks stop at different lengths.
   A gathered model could not serve a rank that stops early (the others would wait for it in the next
@@ -95,18 +95,16 @@ def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None, device: str = "cpu") -> torch.nn.Module:
     """Shard `model` (our Transformer, optionally with LoRA adapters) across all ranks in place, each
     rank's shards going to `device` ("cpu", "cuda"): one FSDP unit per decoder block, and the root
-    (embedding, final norm, head). Weights are gathered in their own dtype, so every operation sees
-    what it sees in one process (autocast casts to compute_dtype as usual); only a unit that mixes
-    dtypes, LoRA's bf16 base with its fp32 adapters, is gathered in compute_dtype, as FSDP needs one
-    dtype per unit. Gradients are reduced in fp32."""
+    (embedding, final norm, head). Weights are gathered in compute_dtype and gradients reduced in fp32.
+    Gathering fp32 master weights in bf16 halves the traffic and the gathered copy, and lets LoRA's
+    bf16 base and fp32 adapters share a unit (FSDP needs one dtype per unit); gathered in fp32, every
+    forward would also keep autocast's bf16 copy of the whole model (its cast cache)."""
     mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
     # a sparse embedding gradient cannot be reduce-scattered; FSDP needs it dense
     model.embed_tokens.sparse = False
-    mixed = len({p.dtype for p in model.parameters()}) > 1
     # cast_forward_inputs off: our forward casts under autocast itself, and the cast would rebuild the
     # argument containers the sampler's KV cache travels in
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype if mixed else None, reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # the root keeps its weights gathered from forward to the end of backward: the output head runs

@@ -114,9 +114,8 @@ def test_memory_table(capsys):
         plan = rows[("Qwen2.5-7B", f"--fsdp --grad-checkpointing, {n} GPUs")]
         assert plan.weights + plan.gradients + plan.optimizer == pytest.approx(
             (full.weights + full.gradients + full.optimizer) / n, rel=1e-6)
-        assert plan.gathered_sampling == full.parameters * 4  # the whole model, in its fp32, while sampling
+        assert plan.gathered_sampling == full.parameters * 2  # the whole model, in bf16, while sampling
     assert rows[("Qwen2.5-7B", "--fsdp --grad-checkpointing, 4 GPUs")].total < 80e9
-    assert rows[("Qwen2.5-7B", "--fsdp --grad-checkpointing, 2 GPUs")].total > 80e9
     assert capsys.readouterr().out.count("| Qwen2.5-") == 27
 
 

@@ -331,6 +331,33 @@ def test_fsdp_run_takes_the_data_parallel_steps_and_resumes_exactly(tmp_path, mo
         assert torch.equal(resumed[name], fsdp[name]), name
 
 
+def untied_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig) -> dict[str, torch.Tensor]:
+    """One update of an untied-head tiny model (Llama-style) on this rank's share of `batch`."""
+    model = tiny_model(seed=0, tie_word_embeddings=False)
+    if dist.fsdp:
+        shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    grpo_update(model.train(), opt, rank_rows(batch, dist.rank, dist.world), cfg,
+                all_reduce=dist.all_reduce if dist.world > 1 else None)
+    return full_state_dict(model) or {}
+
+
+def test_a_rank_whose_micro_batch_has_no_loss_tokens_still_joins_the_backward(tmp_path):
+    """--drop-truncated with rank 1's first micro-batch all truncated, on an untied head: that rank's
+    backward must still give the head a gradient, or its reduce-scatter would not match the other
+    rank's (a crash on gloo, a hang on NCCL). The step equals one process's."""
+    batch = make_rollout()
+    batch.truncated[:] = False
+    batch.truncated[4:6] = True  # prompt 1 goes to rank 1: rows 4-5 are its first micro-batch of 2
+    cfg = GRPOConfig(max_new_tokens=8, micro_batch=2, drop_truncated=True)
+    one = untied_step(Distributed(), batch, cfg)
+    two = run_ranks(tmp_path, untied_step, batch, cfg)
+    start = tiny_model(seed=0, tie_word_embeddings=False).state_dict()
+    assert not torch.equal(one["lm_head.weight"], start["lm_head.weight"])  # the other rows did train
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def bf16_lora_step(dist: Distributed, batch: RolloutBatch) -> dict[str, torch.Tensor]:
     """LoRA as on a GPU: the frozen base in bf16, fp32 adapters, gathered in bf16 under autocast."""
     model = tiny_model(seed=0).to(torch.bfloat16)
@@ -410,22 +437,21 @@ def test_teacher_asked_by_two_ranks_gives_one_process_traces(tmp_path):
 
 
 def gathered_dtypes(dist: Distributed) -> dict[str, torch.Tensor]:
-    """The dtypes a sharded model is gathered in, with bf16 compute: fp32 weights (full fine-tuning with
-    fp32 master weights), and a bf16 base with fp32 LoRA adapters."""
+    """The dtypes a sharded model is gathered in: fp32 weights with bf16 compute (full fine-tuning with
+    fp32 master weights), and a bf16 base with fp32 LoRA adapters; whether the sharded weights stay fp32."""
     whole = shard(tiny_model(), torch.bfloat16)
     adapted = tiny_model().to(torch.bfloat16)
     add_lora(adapted, 4, 8.0)
     shard(adapted, torch.bfloat16)
-    out = {}
+    out = {"kept": torch.tensor(sorted({p.dtype.itemsize for p in whole.parameters()}))}
     for name, model in (("whole", whole), ("lora", adapted)):
         with gathered(model):
             out[name] = torch.tensor(sorted({p.dtype.itemsize for p in model.parameters()}))
     return out
 
 
-def test_weights_are_gathered_in_their_own_dtype_unless_a_unit_mixes_dtypes(tmp_path):
-    """fp32 weights are gathered in fp32 (every operation then sees what it sees in one process, autocast
-    casting as usual: bf16 gathers rounded the norms' weights, 10x the micro-batch noise in a step); only
-    LoRA's mixed units are gathered in the compute dtype."""
+def test_weights_are_gathered_in_the_compute_dtype(tmp_path):
+    """bf16 compute: fp32 master weights stay fp32 in their shards (AdamW updates them) and are gathered
+    in bf16, as are LoRA's mixed units (one dtype per unit)."""
     got = run_ranks(tmp_path, gathered_dtypes)
-    assert got["whole"].tolist() == [4] and got["lora"].tolist() == [2]
+    assert got["kept"].tolist() == [4] and got["whole"].tolist() == [2] and got["lora"].tolist() == [2]

@@ -1,5 +1,6 @@
 """Tests for grpo.py: each pins one property with hand-computed numbers or an exact identity."""
 
+import contextlib
 import copy
 import math
 import os
@@ -504,3 +505,49 @@ def test_a_micro_batch_with_no_loss_tokens_still_runs_its_backward():
     grpo_update(whole, torch.optim.SGD(whole.parameters(), lr=1.0), batch, GRPOConfig(drop_truncated=True))
     for a, b in zip(policy.parameters(), whole.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_batch_with_no_loss_tokens_at_all_is_a_zero_step():
+    """Every completion truncated and dropped: a step with zero gradient, not a crash. The tied
+    embedding's gradient would be the lookup's sparse one alone, which clipping cannot take a norm
+    of; the head also runs (on no position) so it is dense."""
+    from tiny_models import tiny_model
+
+    model = tiny_model(seed=0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = RolloutBatch(ids, torch.tensor([6, 6, 5, 5]), torch.tensor([6, 4, 7, 3]), torch.ones(4, dtype=torch.bool),
+                         torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 0.0, 0.2, 0.9]))
+    m = grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, GRPOConfig(drop_truncated=True))
+    assert m["skipped"] == 0.0 and m["grad_norm"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_steps_inside_one_autocast_region_use_the_updated_weights():
+    """train.py runs everything inside one torch.autocast (fp32 weights, bf16 compute). Autocast keeps
+    the bf16 copy of each weight it casts until the region ends, so after optimizer.step() the next
+    forward would still see the old weights: two steps inside one region must equal two steps each in
+    its own region."""
+    from tiny_models import tiny_model
+
+    ids = torch.randint(1, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = RolloutBatch(ids, torch.tensor([6, 6, 5, 5]), torch.tensor([6, 4, 7, 3]),
+                         torch.zeros(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1]),
+                         torch.tensor([1.0, 0.0, 0.2, 0.9]))
+    cfg = GRPOConfig(max_new_tokens=8, share_prompt=False)
+
+    def two_steps(one_region: bool):
+        model = tiny_model(seed=0).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        norms = []
+        region = torch.autocast("cpu", dtype=torch.bfloat16)
+        with region if one_region else contextlib.nullcontext():
+            for _ in range(2):
+                with contextlib.nullcontext() if one_region else torch.autocast("cpu", dtype=torch.bfloat16):
+                    norms.append(grpo_update(model, opt, batch, cfg)["grad_norm"])
+        return norms, model.state_dict()
+
+    (n1, w1), (n2, w2) = two_steps(True), two_steps(False)
+    assert n1 == n2
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name

@@ -154,6 +154,18 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
     for g8, g3 in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(g8, g3, atol=1e-6, rtol=1e-5)
 
+    # inside one autocast region (train.py's, fp32 weights and bf16 compute) each SFT step sees the
+    # weights the last one left, as with autocast's cache of low-precision copies turned off
+    trained = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        student = Transformer(model.config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            sft(student, prompter, traces[:16], SFTConfig(sft_epochs=2, sft_lr=3e-3, sft_batch=8))
+        trained.append(student.state_dict())
+    for name in trained[0]:
+        assert torch.equal(trained[0][name], trained[1][name]), name
+
 
 # -----------------------------------------------------------------------------
 # reasoning fidelity
