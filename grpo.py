@@ -394,8 +394,8 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
     Data parallel: each rank passes its own groups and `all_reduce` (an in-place sum over ranks);
     normalisers are then global and gradients are summed before clipping, so N ranks take exactly
     the step one process would take on all the groups. With FSDP (the policy sharded by
-    plumbing/parallel.py) the backward pass sums the gradients itself; all_reduce then only makes the
-    counts global and combines the ranks' finiteness checks.
+    plumbing/parallel.py) the backward pass sums the gradients itself. Either way all_reduce also makes
+    the logged losses global and the decision to skip a non-finite step the same on every rank.
     """
     assert cfg.beta == 0 or ref_policy is not None, "beta > 0 needs a reference policy"
     assert cfg.loss_agg in LOSS_AGG_MODES, cfg.loss_agg
