@@ -62,7 +62,7 @@ from plumbing.experiment import (
     trace_fidelity,
 )
 from plumbing.memory import device_bytes, fits
-from plumbing.parallel import Distributed, gathered, setup_distributed, shard
+from plumbing.parallel import Distributed, end_distributed, gathered, setup_distributed, shard
 from plumbing.readers import DataError
 from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
 from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
@@ -372,6 +372,7 @@ def main(argv=None):
     try:
         with stop.installed(), torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
             run(cfg, device, dtype, compute, stop)
+        end_distributed()  # after every way run() returns (--dry-run and --eval-only return early)
     except KeyboardInterrupt:  # a second signal: stop where we are
         print("\ninterrupted again: stopped without saving", file=sys.stderr)
         sys.exit(130)
@@ -512,10 +513,6 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         (out / "results.md").write_text(table + "\n")
         print(table)
         plot(out)
-    if torch.distributed.is_initialized():
-        # together: a rank that tears gloo down while rank 0 still writes can abort at exit
-        dist.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

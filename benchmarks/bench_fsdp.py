@@ -12,7 +12,7 @@ plumbing/parallel.shard), from the same starting weights. Rank 0 prints, for eac
 - max grad-norm diff and max weight diff between the two modes after the steps (float rounding).
 
     torchrun --nproc-per-node 2 benchmarks/bench_fsdp.py                  # tiny, CPU (gloo), seconds
-    torchrun --nproc-per-node 2 benchmarks/bench_fsdp.py --config ../shared/assets/smollm2-135m-instruct
+    torchrun --nproc-per-node 2 benchmarks/bench_fsdp.py --config ~/models/SmolLM2-135M-Instruct  # its shape
     torchrun --nproc-per-node 4 benchmarks/bench_fsdp.py --config DIR --device cuda --dtype bf16
 """
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from plumbing.memory import plan_memory  # noqa: E402
-from plumbing.parallel import full_state_dict, setup_distributed, shard  # noqa: E402
+from plumbing.parallel import end_distributed, full_state_dict, setup_distributed, shard  # noqa: E402
 
 TINY = dict(arch="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
             num_kv_heads=2, head_dim=32, qkv_bias=True, tie_word_embeddings=True)
@@ -126,8 +126,7 @@ def main(argv=None):
         weight_diff = max((a["weights"][k].float() - b["weights"][k].float()).abs().max().item() for k in a["weights"])
         print(f"grad norms {['%.6g' % x for x in a['norms']]}; FSDP vs data parallel: max relative grad-norm "
               f"difference {norm_diff:.1e}, max weight difference {weight_diff:.1e}")
-    dist.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

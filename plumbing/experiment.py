@@ -169,10 +169,9 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
     if cfg.mode == "recone" and not cfg.resume and not cfg.sft_traces and cfg.teacher != "heuristic":
         teacher = teacher_bytes(load_config(cfg.teacher), compute_dtype.itemsize, rows=TEACHER_BATCH,
                                 tokens=prompt_tokens + cfg.max_new_tokens)
-    plan = plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
+    return plan_memory(config, weight_bytes=weight_dtype.itemsize, compute_bytes=compute_dtype.itemsize,
                        lora_rank=cfg.lora_rank, lora_targets=lora_targets(cfg), beta=cfg.beta,
                        rows=cfg.prompts_per_step // world * cfg.samples, prompt_tokens=prompt_tokens,
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
-                       grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1)
-    plan.teacher = teacher
-    return plan
+                       grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1,
+                       teacher=teacher)

@@ -88,12 +88,14 @@ def _size(n: int) -> str:
 
 def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, lora_rank: int = 0,
                 lora_targets=lora.TARGETS, beta: float = 0.0, rows: int, prompt_tokens: int, new_tokens: int,
-                micro_batch: int, grad_checkpointing: bool = False, shards: int = 1) -> MemoryPlan:
+                micro_batch: int, grad_checkpointing: bool = False, shards: int = 1,
+                teacher: int = 0) -> MemoryPlan:
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
     micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
     shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
     evenly; sampling holds a whole copy of the weights in the compute dtype, the update two blocks,
-    the root unit (embedding, final norm, head) and the root's gradient, gathered."""
+    the root unit (embedding, final norm, head) and the root's gradient, gathered. teacher: the
+    teacher_bytes() of a --teacher model this run's cold start loads, else 0."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -130,7 +132,8 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         gathered_update=((2 * n_block + n_root) * compute_bytes + n_root_trained * 4) if shards > 1 else 0,
         # one process, fp32 weights under bf16 autocast: autocast keeps the bf16 copy of every weight it
         # casts until the step (train.py clears it after each optimizer step)
-        autocast_copies=n_train * compute_bytes if shards == 1 and train_bytes > compute_bytes else 0)
+        autocast_copies=n_train * compute_bytes if shards == 1 and train_bytes > compute_bytes else 0,
+        teacher=teacher)
 
 
 def _split(n_bytes: int, shards: int) -> int:

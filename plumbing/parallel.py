@@ -88,6 +88,14 @@ def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
     return Distributed(torch.distributed.get_rank(), world, fsdp, device)
 
 
+def end_distributed():
+    """Leave the torchrun job, if any, all ranks together: a rank that tears gloo down while rank 0 still
+    writes a checkpoint can abort at exit."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------
 # FSDP
 

@@ -9,13 +9,12 @@ well below any real difference (a step here moves weights by ~1e-3).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from ranks import run_ranks, torchrun
+from safetensors.torch import load_file
 from tiny_models import PROMPTS, full_logits, tiny_model
 from torch.distributed.tensor import DTensor
 
@@ -31,57 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIELDS = ("input_ids", "prompt_lengths", "completion_lengths", "truncated", "prompt_index", "rewards",
           "sampler_logprobs")
-
-
-def _worker(rank, world, init_file, out_file, fn, args):
-    """One gloo rank: run fn(dist, *args); rank 0 saves the tensors it returns to out_file."""
-    import torch.distributed as dist
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    code = 0
-    try:
-        result = fn(Distributed(rank, world, fsdp=True), *args)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in result.items()}, out_file)
-        dist.barrier()  # together: a rank tearing gloo down while another still works can abort at exit
-        dist.destroy_process_group()
-    except BaseException:  # leave at once: the other rank's next collective then fails instead of waiting
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    # Leave without the interpreter's teardown: gloo's threads can abort ("terminate called without an
-    # active exception", exit -6) while C++ statics are destroyed, after the work is done and checked.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _join(procs, timeout: float):
-    """Wait for every rank; one that fails leaves the others waiting in a collective: end them."""
-    for p in procs:
-        p.join(timeout=timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(code == 0 for code in codes), f"rank exit codes {codes} (None: still running after {timeout} s)"
-
-
-def run_ranks(tmp_path: Path, fn, *args, world: int = 2) -> dict[str, torch.Tensor]:
-    """fn(dist, *args) on `world` gloo processes; what rank 0 returns."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = tmp_path / "rank0.safetensors"
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "rendezvous"), str(out), fn, args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    _join(procs, 180)
-    return load_file(out)
 
 
 def make_rollout(n_prompts: int = 4, samples: int = 4) -> RolloutBatch:
@@ -246,47 +194,6 @@ def test_a_sharded_checkpoint_is_one_plain_folder_and_resumes_exactly(tmp_path):
 
 # -----------------------------------------------------------------------------
 # train.py under torchrun: --fsdp takes the data-parallel run's steps, and resumes exactly
-
-
-def _train_rank(rank, world, port, argv):
-    """One rank of a torchrun-like job running train.main(argv) with varied rewards (tiny_runs)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_runs import varied_rewards
-
-    import train
-
-    varied_rewards(type("Patch", (), {"setattr": staticmethod(setattr)}))
-    code = 0
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # see _worker
-
-
-def torchrun(argv: list[str], world: int = 2):
-    """train.py's main(argv) on `world` processes, as `torchrun --nproc-per-node world` would run it."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_train_rank, args=(r, world, port, argv)) for r in range(world)]
-    for p in procs:
-        p.start()
-    _join(procs, 300)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 import contextlib
 import copy
 import math
-import os
 import time
 
 import pytest
@@ -440,55 +439,28 @@ def test_shared_prompt_pass_equals_separate_rows():
     torch.testing.assert_close(results[1][0], batch.sampler_logprobs, atol=1e-5, rtol=0)  # and the sampler's
 
 
-def _dp_worker(rank, world, init_file, batch, result):
+def _dp_update(dist, batch):
     """One gloo rank: update a fresh MockPolicy on its half of the groups with all_reduce."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        policy = MockPolicy()
-        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-        rows = (batch.prompt_index % world) == rank  # whole groups per rank
-        part = RolloutBatch(*(getattr(batch, f)[rows] for f in ("input_ids", "prompt_lengths", "completion_lengths",
-                                                                  "truncated", "prompt_index", "rewards")))
-        cfg = GRPOConfig(loss_agg="token-mean", max_grad_norm=0.5)  # clipping must see the global norm
-
-        def all_reduce(t):
-            dist.all_reduce(t)
-            return t
-
-        grpo_update(policy, opt, part, cfg, all_reduce=all_reduce)
-        if rank == 0:
-            # a plain list, not a tensor: a tensor travels as a shared-memory handle that dies with this process
-            result.put(torch.cat([p.detach().flatten() for p in policy.parameters()]).tolist())
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-    # Leave without the interpreter's teardown: gloo's threads can abort ("terminate called without an
-    # active exception", exit -6) while C++ statics are destroyed, after the work is done and checked.
-    result.close()
-    result.join_thread()
-    os._exit(0)
+    policy = MockPolicy()
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    rows = (batch.prompt_index % dist.world) == dist.rank  # whole groups per rank
+    part = RolloutBatch(*(getattr(batch, f)[rows] for f in ("input_ids", "prompt_lengths", "completion_lengths",
+                                                              "truncated", "prompt_index", "rewards")))
+    cfg = GRPOConfig(loss_agg="token-mean", max_grad_norm=0.5)  # clipping must see the global norm
+    grpo_update(policy, opt, part, cfg, all_reduce=dist.all_reduce)
+    return {"weights": torch.cat([p.detach().flatten() for p in policy.parameters()])}
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     """Two data-parallel gloo processes, each with half of the groups, take the single-process step."""
-    import torch.multiprocessing as mp
+    from ranks import run_ranks
 
     batch = make_batch()
     policy = MockPolicy()
     grpo_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch,
                 GRPOConfig(loss_agg="token-mean", max_grad_norm=0.5))
     expected = torch.cat([p.detach().flatten() for p in policy.parameters()])
-    ctx = mp.get_context("spawn")
-    result = ctx.Queue()
-    procs = [ctx.Process(target=_dp_worker, args=(r, 2, str(tmp_path / "rendezvous"), batch, result)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = torch.tensor(result.get(timeout=120))
-    for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = run_ranks(tmp_path, _dp_update, batch)["weights"]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
