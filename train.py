@@ -20,7 +20,7 @@ Simplifications:
   gradients of one globally normalised loss are summed, so N ranks take the one-process step; each
   rank decodes its share of the evaluation examples; rank 0 logs and writes checkpoints. With --fsdp
   the weights, gradients and AdamW state are sharded across the ranks (plumbing/parallel.py).
-  Evaluation is greedy on a fixed subset (`--eval-size`).
+  Evaluation is greedy on fixed subsets (`--valid-size`, `--eval-size` for the test split).
 """
 
 from __future__ import annotations
@@ -64,7 +64,17 @@ from plumbing.experiment import (
 from plumbing.memory import device_bytes, fits
 from plumbing.parallel import Distributed, end_distributed, gathered, setup_distributed, shard
 from plumbing.readers import DataError
-from plumbing.report import RunLog, baseline_rows, describe, evaluate, plot, results_table, rollout_metrics
+from plumbing.report import (
+    RunLog,
+    baseline_rows,
+    compare,
+    describe,
+    evaluate,
+    interval_table,
+    plot,
+    results_table,
+    rollout_metrics,
+)
 from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
 from plumbing.tokenizer import Tokenizer
 from reczero import Prompter, RatingMetrics, compute_reward, reward_config
@@ -447,15 +457,15 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
               f"compute {compute}, {device}" + (f", sharded over {dist.world} ranks" if dist.fsdp else ""))
     fidelity = trace_fidelity(cfg, task)
 
-    def score_test(model, desc: str, fidelity=None) -> RatingMetrics:  # greedy decoding scored on the test split
+    def score_test(model, name: str, desc: str, fidelity=None) -> RatingMetrics:  # greedy, on the test split
         return evaluate(model, tok, prompter, task.test, task.fallback, cfg.max_new_tokens, desc=desc,
-                        fidelity=fidelity, scale=task.scale, dist=dist)
+                        fidelity=fidelity, scale=task.scale, dist=dist, save_to=out / "predictions" / f"{name}.jsonl")
 
-    rows = baseline_rows(task.baselines, task.test, fidelity)
+    rows = baseline_rows(task.baselines, task.test, fidelity, out / "predictions" if dist.rank == 0 else None)
     for name, m in rows:
         log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
-        rows.append(("model", score_test(model, "test")))
+        rows.append(("model", score_test(model, "model", "test")))
         if dist.rank == 0:
             print(results_table(rows))
         return
@@ -488,13 +498,13 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         model = distribute(model, dist, compute)
         model.gradient_checkpointing = cfg.grad_checkpointing
         state.start_model = str(out / "cold_start")
-        state.cold_start = asdict(score_test(model, "test (cold start)", fidelity))
+        state.cold_start = asdict(score_test(model, "test_start", "test (cold start)", fidelity))
     elif not cfg.resume:
         if cfg.demo:  # random starting weights are on no disk: save them, the KL reference for --beta > 0
             save_model(model, out / "start", tok_dir)
             dist.barrier()
             state.start_model = str(out / "start")
-        state.cold_start = asdict(score_test(model, "test (before RL)"))
+        state.cold_start = asdict(score_test(model, "test_start", "test (before RL)"))
     if state.step == 0 and dist.rank == 0:
         log({"stage": "test_start", "step": 0, **state.cold_start})  # the test row of the model GRPO starts from
     train_grpo(model, tok, tok_dir, prompter, task, cfg, dist, log, state, fidelity, stop, grpo_resume)
@@ -504,12 +514,18 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         dist.barrier()  # rank 0 may still be writing it
         model = distribute(load_model(state.best.path, dtype, load_to), dist, compute)
         label = f"LLM after GRPO (best valid MAE: step {step} of {cfg.steps})"
-    final = score_test(model, "test (GRPO)", fidelity)
+    final = score_test(model, "test", "test (GRPO)", fidelity)
     log({"stage": "test", "step": step, **asdict(final)})
     if dist.rank == 0:
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]
-        table = results_table(rows)
+        pred = out / "predictions"
+        intervals = [(f"after GRPO - {start}", compare(pred / "test.jsonl", pred / "test_start.jsonl")),
+                     ("after GRPO - matrix factorisation", compare(pred / "test.jsonl", pred / "baseline-mf.jsonl")),
+                     ("after GRPO - user+item bias", compare(pred / "test.jsonl", pred / "baseline-bias.jsonl"))]
+        for name, iv in intervals:
+            log({"stage": "interval", "name": name, **asdict(iv)})
+        table = results_table(rows) + f"\n\nOn the same {final.n} test examples:\n\n" + interval_table(intervals)
         (out / "results.md").write_text(table + "\n")
         print(table)
         plot(out)

@@ -4,10 +4,13 @@
     python benchmarks/demo_seeds.py --seeds 0 1 2 -- --threads 1  # flags after -- go to train.py
 
 Each seed runs `python train.py --seed S --out OUT/seed-S` in its own process, one after the other (so
-each run's wall clock is its own), and is read back from its metrics.jsonl. A seed generates its own
-synthetic world, tokenizer, model initialisation, teacher traces and sampling, so the spread across
-seeds is the spread a user would see. The script then checks each seed against what the demo is
-meant to show (the "checks" table) and keeps failed seeds in every table: a mean alone would hide them.
+each run's wall clock is its own), and is read back from its metrics.jsonl and its per-example test
+predictions. A seed generates its own synthetic world, tokenizer, model initialisation, teacher traces
+and sampling, so the spread across seeds is the spread a user would see. Each seed's comparisons
+(after GRPO against the cold start, matrix factorisation and the bias baseline) get a paired bootstrap
+95% interval on that seed's test examples; the mean over seeds gets a t-interval over the seeds. The
+script then checks each seed against what the demo is meant to show (the "checks" table) and keeps
+failed seeds in every table: a mean alone would hide them.
 
 Writes OUT/summary.md (the tables) and OUT/summary.json (every number), and prints the tables.
 """
@@ -23,7 +26,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from plumbing.report import compare  # noqa: E402
+from reczero import mean_interval  # noqa: E402
+
 FIDELITY = ("category", "taste", "reception", "rating", "consistent")
+# after GRPO against: (row name, predictions file in OUT/seed-S/predictions)
+VERSUS = (("cold start", "test_start"), ("MF", "baseline-mf"), ("bias", "baseline-bias"))
 
 
 def run_seed(seed: int, out: Path, extra: list[str]) -> dict:
@@ -41,8 +51,10 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict:
     final = next(r for r in records if r.get("stage") == "test")
     rows["LLM after cold start"], rows["LLM after GRPO"] = start_row, final
     evals = [r for r in records if r.get("stage") == "eval"]
+    pred = out / "predictions"
+    intervals = {name: vars(compare(pred / "test.jsonl", pred / f"{stem}.jsonl")) for name, stem in VERSUS}
     return {"seed": seed, "seconds": seconds, "rows": rows, "final_step": final["step"],
-            "valid_curve": [(r["step"], r["mae"]) for r in evals]}
+            "valid_curve": [(r["step"], r["mae"]) for r in evals], "intervals": intervals}
 
 
 def checks(run: dict) -> dict[str, bool]:
@@ -55,12 +67,12 @@ def checks(run: dict) -> dict[str, bool]:
         "cold start reads its prompt (category >= 95%, taste and reception >= 90%)":
             f0.get("category", 0) >= 0.95 and f0.get("taste", 0) >= 0.90 and f0.get("reception", 0) >= 0.90,
         "cold start MAE within 0.05 of its teacher's": teacher is not None and start["mae"] <= teacher["mae"] + 0.05,
-        "GRPO test MAE >= 10% below the cold start's": grpo["mae"] <= 0.9 * start["mae"],
+        "GRPO below the cold start, 95% interval excludes 0": run["intervals"]["cold start"]["high"] < 0,
         "validation MAE at the last step below step 0's": len(curve) > 1 and curve[-1][1] < curve[0][1],
         "no collapse (>= 4 distinct ratings, pred std >= 0.6)": grpo["distinct"] >= 4 and grpo["pred_std"] >= 0.6,
         "category fidelity after GRPO >= 90%": f1.get("category", 0) >= 0.90,
-        "beats user+item bias and matrix factorisation":
-            grpo["mae"] < rows["user+item bias"]["mae"] and grpo["mae"] < rows["matrix factorisation"]["mae"],
+        "below matrix factorisation": grpo["mae"] < rows["matrix factorisation"]["mae"],
+        "below the user+item bias baseline, 95% interval excludes 0": run["intervals"]["bias"]["high"] < 0,
         "run <= 5 minutes": run["seconds"] <= 300,
     }
 
@@ -85,20 +97,33 @@ def tables(runs: list[dict]) -> str:
             vals = [m["fidelity"][k] * 100 for m in rs if m.get("fidelity")]
             cells.append(spread(vals, ".0f") + "%" if vals else "-")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += ["", "Each seed:", "",
-            "| seed | minutes | bias | MF | teacher | cold start | after GRPO (step) | change | valid MAE by step |",
-            "|---" * 9 + "|"]
+    if len(ok) > 1:
+        out += ["", "After GRPO minus each row, the mean over seeds of the per-seed MAE difference (95% t-interval "
+                "over seeds), and on how many seeds it is below 0 (below 0 with its paired bootstrap interval "
+                "excluding 0):", "",
+                "| after GRPO minus | mean difference | 95% interval over seeds | seeds below 0 | with interval |",
+                "|---|---|---|---|---|"]
+        for name, _ in VERSUS:
+            diffs = [r["intervals"][name] for r in ok]
+            iv = mean_interval([d["diff"] for d in diffs])
+            out.append(f"| {name} | {iv.diff:+.3f} | [{iv.low:+.3f}, {iv.high:+.3f}] | "
+                       f"{sum(d['diff'] < 0 for d in diffs)} of {len(ok)} | {sum(d['high'] < 0 for d in diffs)} of {len(ok)} |")
+    out += ["", "Each seed (intervals: paired bootstrap 95% on the seed's test examples):", "",
+            "| seed | minutes | bias | MF | teacher | cold start | after GRPO (step) | change | GRPO - cold start | "
+            "GRPO - MF | valid MAE by step |",
+            "|---" * 11 + "|"]
     for r in runs:
         if "rows" not in r:
-            out.append(f"| {r['seed']} | {r['seconds'] / 60:.1f} | FAILED: {' '.join(r['error'])} |||||||")
+            out.append(f"| {r['seed']} | {r['seconds'] / 60:.1f} | FAILED: {' '.join(r['error'])} |||||||||")
             continue
         rows = r["rows"]
         a, b = rows["LLM after cold start"]["mae"], rows["LLM after GRPO"]["mae"]
         teacher = rows.get("heuristic teacher", {}).get("mae", float("nan"))
         curve = ", ".join(f"{m:.3f}" for _, m in r["valid_curve"])
+        iv = {name: "{diff:+.3f} [{low:+.3f}, {high:+.3f}]".format(**r["intervals"][name]) for name in ("cold start", "MF")}
         out.append(f"| {r['seed']} | {r['seconds'] / 60:.1f} | {rows['user+item bias']['mae']:.3f} | "
                    f"{rows['matrix factorisation']['mae']:.3f} | {teacher:.3f} | {a:.3f} | {b:.3f} ({r['final_step']}) | "
-                   f"{(b - a) / a:+.1%} | {curve} |")
+                   f"{(b - a) / a:+.1%} | {iv['cold start']} | {iv['MF']} | {curve} |")
     out += ["", "Checks (a failed seed stays in every table above):", "",
             "| check | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     results = {r["seed"]: checks(r) if "rows" in r else None for r in runs}

@@ -131,7 +131,10 @@ class RunConfig:
     lora_targets: str = option("comma-separated linear layers that get adapters",
                                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     # evaluation, logging, checkpoints
-    eval_size: int = option("test examples scored (greedy)", 1000, 300, valid=at_least(1))
+    eval_size: int = option("test examples scored (greedy), drawn at random when the test split has more; the demo "
+                            "scores every test user", 1000, 1200, valid=at_least(1))
+    valid_size: int = option("validation examples scored (greedy) every --eval-every steps", 1000, 300,
+                             valid=at_least(1))
     eval_every: int = option("evaluate on validation examples every N steps", 50, 10, valid=at_least(1))
     select: str = option("weights scored on the test set at the end: the last step's, or those with the lowest "
                          "validation MAE among the evaluations, step 0 included", "last",

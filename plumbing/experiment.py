@@ -73,9 +73,9 @@ def load_task(cfg: RunConfig) -> TaskData:
     # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
     ex = {name: build_examples(data, getattr(split, name), cfg.max_user_history, cfg.max_item_history)
           for name in ("train", "valid", "test")}
-    for name in ("valid", "test"):  # fixed random subsets, so evaluation cost is bounded
-        if len(ex[name]) > cfg.eval_size:
-            ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), cfg.eval_size, replace=False))]
+    for name, size in (("valid", cfg.valid_size), ("test", cfg.eval_size)):  # fixed random subsets: bounded cost
+        if len(ex[name]) > size:
+            ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), size, replace=False))]
     if not ex["train"] or not ex["test"]:
         fail(f"{cfg.data or 'synthetic data'}: no usable examples after the history filter")
     baselines = fit_baselines(split.train, seed=cfg.seed, scale=data.scale)

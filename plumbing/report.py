@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,16 +21,17 @@ from data import RATING_SCALE
 from grpo import RolloutBatch
 from model import SamplingConfig, generate
 from plumbing.parallel import Distributed, gathered
-from reczero import RatingMetrics, Reward, parse_output, rating_metrics
+from reczero import Interval, RatingMetrics, Reward, paired_bootstrap, parse_output, rating_metrics
 
 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
              fidelity=None, scale: tuple[float, float] = RATING_SCALE,
-             dist: Distributed | None = None) -> RatingMetrics:
+             dist: Distributed | None = None, save_to: Path | None = None) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
     fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
-    (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's.
+    (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's. `save_to`: a
+    JSONL file that gets every example's prediction and text (write_predictions).
     Under torchrun every rank calls it, decodes every dist.world-th example and gets the same metrics."""
     dist = dist or Distributed()
     model.eval()
@@ -44,10 +46,69 @@ def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int
     texts = dict(dist.gather_objects(list(texts.items())))
     texts = [texts[j] for j in range(len(examples))]
     fallbacks = [fallback[e.target.key] for e in examples]
-    metrics = rating_metrics([parse_output(t, scale).rating for t in texts], [e.label for e in examples], fallbacks)
+    preds = [parse_output(t, scale).rating for t in texts]
+    metrics = rating_metrics(preds, [e.label for e in examples], fallbacks)
     if fidelity is not None:
         metrics.fidelity = asdict(fidelity(examples, texts))
+    if save_to is not None and dist.rank == 0:
+        write_predictions(save_to, examples, preds, fallbacks, texts)
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# Per-example predictions, and paired comparisons of two methods on the same examples
+
+
+def write_predictions(path: Path, examples, preds: list[float | None], fallbacks: list[float],
+                      texts: list[str] | None = None) -> None:
+    """One JSON line per example, {user_id, item_id, time, label, rating, scored[, text]}: rating is
+    what the output parsed to (null when unparsable), scored what the metrics used (rating, else the
+    fallback). Written to a temporary file and renamed, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for k, (e, p, fb) in enumerate(zip(examples, preds, fallbacks)):
+            ok = p is not None and math.isfinite(p)
+            row = {"user_id": e.target.user_id, "item_id": e.target.item_id, "time": e.target.time,
+                   "label": e.label, "rating": p if ok else None, "scored": p if ok else fb}
+            if texts is not None:
+                row["text"] = texts[k]
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_predictions(path) -> dict[tuple, dict]:
+    """write_predictions' lines by Rating.key (user_id, item_id, time)."""
+    rows = {}
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            row = json.loads(line)
+            rows[(row["user_id"], row["item_id"], row["time"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {n}: not a prediction line ({e})") from None
+    return rows
+
+
+def compare(a_path, b_path, resamples: int = 10_000, seed: int = 0) -> Interval:
+    """MAE(a) - MAE(b) on the examples both files score, with its paired bootstrap 95% interval
+    (reczero.paired_bootstrap). The two files must score the same examples."""
+    a, b = read_predictions(a_path), read_predictions(b_path)
+    if a.keys() != b.keys():
+        raise ValueError(f"{a_path} and {b_path} score different examples ({len(a)} and {len(b)}): "
+                         "a paired comparison needs the same ones")
+    keys = sorted(a)
+    errors = [[abs(rows[k]["scored"] - rows[k]["label"]) for k in keys] for rows in (a, b)]
+    return paired_bootstrap(*errors, resamples=resamples, seed=seed)
+
+
+def interval_table(rows: list[tuple[str, Interval]]) -> str:
+    """A markdown table of paired comparisons: the MAE difference and its 95% interval."""
+    out = ["| comparison (same test examples) | MAE difference | 95% interval (paired bootstrap) | excludes 0 |",
+           "|---|---|---|---|"]
+    for name, iv in rows:
+        out.append(f"| {name} | {iv.diff:+.3f} | [{iv.low:+.3f}, {iv.high:+.3f}] | "
+                   f"{'yes' if iv.excludes_zero() else 'no'} |")
+    return "\n".join(out)
 
 
 def describe(m: RatingMetrics) -> str:
@@ -141,16 +202,29 @@ def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
     return "\n".join(out)
 
 
-def baseline_rows(baselines: dict, test, fidelity=None) -> list[tuple[str, RatingMetrics]]:
-    """(name, RatingMetrics) of the classic baselines on the test examples, and of the heuristic
-    teacher's own ratings when `fidelity` (a teachers.TraceFidelity) is given."""
-    rows = []
-    for name, label in (("global_mean", "global mean"), ("bias", "user+item bias"), ("mf", "matrix factorisation")):
-        pred = baselines[name].predict_many([e.target for e in test]).tolist()
-        rows.append((label, rating_metrics(pred, [e.label for e in test], pred)))
+# the classic baselines (plumbing/baselines.py) and the two means every prompt shows, by file name
+BASELINES = {"global_mean": "global mean", "user_mean": "user mean (the prompt's user_avg_rating)",
+             "item_mean": "item mean (the prompt's target_item_avg_rating)", "bias": "user+item bias",
+             "mf": "matrix factorisation"}
+
+
+def baseline_rows(baselines: dict, test, fidelity=None, save_dir: Path | None = None) -> list[tuple[str, RatingMetrics]]:
+    """(name, RatingMetrics) of the classic baselines on the test examples, of the user's and the item's
+    earlier mean ratings (exactly the averages the prompt shows), and of the heuristic teacher's own
+    ratings when `fidelity` (a teachers.TraceFidelity) is given. `save_dir`: each row's predictions
+    go to save_dir/baseline-NAME.jsonl (write_predictions)."""
+    targets = [e.target for e in test]
+    preds = {"global_mean": baselines["global_mean"].predict_many(targets).tolist(),
+             "user_mean": [e.user_avg for e in test], "item_mean": [e.item_avg for e in test],
+             "bias": baselines["bias"].predict_many(targets).tolist(),
+             "mf": baselines["mf"].predict_many(targets).tolist()}
     if fidelity is not None:
-        pred = [fidelity.teacher.judge(e).rating for e in test]
-        rows.append(("heuristic teacher", rating_metrics(pred, [e.label for e in test], pred)))
+        preds["teacher"] = [fidelity.teacher.judge(e).rating for e in test]
+    rows = []
+    for name, pred in preds.items():
+        rows.append((BASELINES.get(name, "heuristic teacher"), rating_metrics(pred, [e.label for e in test], pred)))
+        if save_dir is not None:
+            write_predictions(save_dir / f"baseline-{name}.jsonl", test, pred, pred)
     return rows
 
 

@@ -43,14 +43,17 @@ def test_bench_gpu_quick(tmp_path, capsys):
     assert res["train"]["mfu"] > 0
 
 
-def demo_run(seed, start_mae, final_mae, seconds=150.0, category=1.0, curve=(0.8, 0.7)):
+def demo_run(seed, start_mae, final_mae, seconds=150.0, category=1.0, curve=(0.8, 0.7), half_width=0.03):
     metrics = lambda mae, fid: {"mae": mae, "rmse": mae + 0.3, "pred_std": 1.0, "distinct": 5, "fidelity": fid}  # noqa: E731
     fid = {"category": category, "taste": 0.95, "reception": 0.99, "rating": 0.9, "consistent": 0.6}
     rows = {"global mean": metrics(1.0, None), "user+item bias": metrics(0.8, None),
             "matrix factorisation": metrics(0.66, None), "heuristic teacher": metrics(start_mae + 0.02, None),
             "LLM after cold start": metrics(start_mae, fid), "LLM after GRPO": metrics(final_mae, fid)}
+    versus = {"cold start": start_mae, "MF": 0.66, "bias": 0.8}
+    intervals = {k: {"diff": final_mae - v, "low": final_mae - v - half_width, "high": final_mae - v + half_width,
+                     "n": 1200} for k, v in versus.items()}
     return {"seed": seed, "seconds": seconds, "rows": rows, "final_step": 60,
-            "valid_curve": list(zip((0, 60), curve))}
+            "valid_curve": list(zip((0, 60), curve)), "intervals": intervals}
 
 
 def test_demo_seeds_checks_and_tables_keep_failed_seeds():
@@ -59,17 +62,20 @@ def test_demo_seeds_checks_and_tables_keep_failed_seeds():
     import demo_seeds
 
     good = demo_run(0, 0.80, 0.60)
-    weak = demo_run(1, 0.70, 0.66, category=0.80)
+    weak = demo_run(1, 0.70, 0.66, category=0.80, half_width=0.05)
     crashed = {"seed": 2, "seconds": 3.0, "error": ["train.py: error: something"]}
     assert all(demo_seeds.checks(good).values())
     weak_checks = demo_seeds.checks(weak)
-    assert not weak_checks["GRPO test MAE >= 10% below the cold start's"]
+    assert not weak_checks["GRPO below the cold start, 95% interval excludes 0"]  # -0.04 in [-0.09, +0.01]
     assert not weak_checks["category fidelity after GRPO >= 90%"]
-    assert weak_checks["beats user+item bias and matrix factorisation"] is False  # 0.66 is not below 0.66
+    assert weak_checks["below matrix factorisation"] is False  # 0.66 is not below 0.66
     text = demo_seeds.tables([good, weak, crashed])
     assert "| LLM after GRPO | 0.630 ± 0.042 |" in text
     assert "| 2 | 0.1 | FAILED: train.py: error: something |" in text
-    assert "| GRPO test MAE >= 10% below the cold start's | yes | **no** | **no** |" in text
+    assert "| GRPO below the cold start, 95% interval excludes 0 | yes | **no** | **no** |" in text
+    # over the two seeds that ran: MF - GRPO is -0.06 and 0.00, so the mean is -0.03, below 0 on one seed
+    assert "| MF | -0.030 | [-0.411, +0.351] | 1 of 2 | 1 of 2 |" in text
+    assert "| 0 | 2.5 | 0.800 | 0.660 | 0.820 | 0.800 | 0.600 (60) | -25.0% | -0.200 [-0.230, -0.170] |" in text
 
 
 def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
@@ -136,3 +142,61 @@ def test_bench_fsdp_under_torchrun():
         assert held == plan and float(held) == pytest.approx(float(held_dp) / 2, abs=0.06)  # half on each rank
     weight_diff = float(re.search(r"max weight difference ([\d.e+-]+)", out.stdout).group(1))
     assert weight_diff < 1e-5
+
+
+def tiny_movielens(folder: Path, users: int = 40, items: int = 30, per_user: int = 12) -> Path:
+    """A small ml-100k folder (u.data, u.item) whose ratings follow each user's genre taste."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    genres = rng.integers(0, 19, items)
+    (folder / "u.item").write_text("".join(
+        f"{i + 1}|Movie {i + 1} (1995)|01-Jan-1995||http://x|" + "|".join("1" if g == genres[i] else "0" for g in range(19))
+        + "\n" for i in range(items)), encoding="latin-1")
+    rows, t = [], 880000000
+    for u in range(users):
+        taste = rng.normal(0, 1.2, 19)
+        for i in rng.choice(items, per_user, replace=False):
+            t += int(rng.integers(1, 1000))
+            rows.append(f"{u + 1}\t{i + 1}\t{int(np.clip(np.rint(3.3 + taste[genres[i]]), 1, 5))}\t{t}\n")
+    (folder / "u.data").write_text("".join(rows))
+    return folder
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A random 2-layer model saved as a Hugging Face folder with a byte-level BPE tokenizer."""
+    from model import ModelConfig, Transformer
+    from plumbing.checkpoints import save_model
+    from plumbing.teachers import HeuristicTeacher
+    from plumbing.tokenizer import train_bpe
+
+    tok = train_bpe(["user_history: Movie 1 (1995), 4.0; Categories: Drama | Comedy target_item: rating",
+                     *HeuristicTeacher().write([])] * 20, folder / "tok", vocab_size=400)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                                    num_heads=2, num_kv_heads=1, head_dim=16, eos_token_id=tok.turn_end_id))
+    save_model(model, folder / "model", folder / "tok")
+    return folder / "model"
+
+
+def test_real_ratings_quick(tmp_path, capsys):
+    """The real-ratings experiment end to end at toy sizes: a zero-shot run and a RecOne run per seed,
+    every method's row, paired intervals on the same test examples, the goals and the trace report;
+    a second call finds both stages done and only summarises."""
+    import real_ratings
+
+    args = ["--model", str(tiny_checkpoint(tmp_path / "ckpt")), "--data", str(tiny_movielens(tmp_path / "ml")),
+            "--data-format", "ml-100k", "--seeds", "3", "--out", str(tmp_path / "real"), "--quick"]
+    (seed,) = real_ratings.main(args)
+    assert set(seed["methods"]) >= {"user+item bias", "matrix factorisation", "user mean", real_ratings.START,
+                                    real_ratings.COLD, real_ratings.GRPO}
+    assert seed["methods"][real_ratings.GRPO]["n"] == seed["methods"]["user+item bias"]["n"] == 8
+    assert set(seed["seconds"]) == {"zero-shot", "run"}
+    iv = seed["intervals"][f"{real_ratings.GRPO} - {real_ratings.COLD}"]
+    assert iv["low"] <= iv["diff"] <= iv["high"] and iv["n"] == 8
+    assert [r["step"] for r in seed["curve"]["grpo"]] == [1, 2] and seed["traces"] is not None
+    text = (tmp_path / "real" / "summary.md").read_text()
+    assert "| after GRPO |" in text and "| format valid >= 95% after GRPO |" in text
+    assert f"{real_ratings.GRPO} - {real_ratings.COLD}" in text
+    (again,) = real_ratings.main(args)
+    assert again["seconds"] == {} and again["methods"] == seed["methods"]

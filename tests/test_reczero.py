@@ -19,6 +19,8 @@ from reczero import (
     compute_reward,
     full_system_prompt,
     parse_output,
+    mean_interval,
+    paired_bootstrap,
     rating_metrics,
     render_user_message,
     reward_config,
@@ -304,3 +306,45 @@ def test_rating_metrics_edge_cases():
         rating_metrics([], [], [])
     with pytest.raises(ValueError):
         rating_metrics([1.0], [1.0, 2.0], [1.0])
+
+
+def test_paired_bootstrap_hand_cases():
+    """Identical losses give [0, 0]; a constant shift c gives [c, c]; two examples whose differences
+    are 1 and 0 resample to means 0, 0.5, 1 (probability 1/4, 1/2, 1/4), so the 95% interval is [0, 1]."""
+    a = [0.5, 1.0, 0.0, 2.0]
+    same = paired_bootstrap(a, a)
+    assert (same.diff, same.low, same.high, same.n) == (0.0, 0.0, 0.0, 4)
+    assert not same.excludes_zero()
+    shift = paired_bootstrap([x + 0.25 for x in a], a)
+    assert shift.diff == pytest.approx(0.25) and shift.low == pytest.approx(0.25) and shift.high == pytest.approx(0.25)
+    assert shift.excludes_zero()
+    two = paired_bootstrap([1.0, 0.0], [0.0, 0.0], resamples=4000)
+    assert (two.diff, two.low, two.high) == (0.5, 0.0, 1.0)
+
+
+def test_paired_bootstrap_pairs_examples():
+    """Pairing cancels what both methods share: a per-example offset common to both leaves a narrow
+    interval; the same differences unpaired would spread with the offsets. Bad input is refused."""
+    rng = np.random.default_rng(1)
+    hard = rng.uniform(0, 3, 500)  # how hard each example is, shared by both methods
+    iv = paired_bootstrap(hard + 0.1, hard, seed=3)
+    assert iv.low == pytest.approx(0.1) and iv.high == pytest.approx(0.1)
+    noisy = paired_bootstrap(hard + rng.normal(0.1, 0.2, 500), hard, seed=3)
+    assert noisy.low < noisy.diff < noisy.high and noisy.high - noisy.low < 0.05
+    assert paired_bootstrap(hard + 1, hard, seed=3) == paired_bootstrap(hard + 1, hard, seed=3)  # seeded
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_bootstrap([], [])
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_mean_interval_hand_case():
+    """[1, 2, 3]: mean 2, sd 1, so 2 ± 4.303 / sqrt(3) = 2 ± 2.484; equal values give a zero-width
+    interval; one value has no spread to measure."""
+    iv = mean_interval([1.0, 2.0, 3.0])
+    assert iv.diff == 2.0 and iv.n == 3
+    assert iv.low == pytest.approx(2 - 4.303 / math.sqrt(3)) and iv.high == pytest.approx(2 + 4.303 / math.sqrt(3))
+    flat = mean_interval([-0.1] * 10)
+    assert flat.low == pytest.approx(-0.1) and flat.high == pytest.approx(-0.1) and flat.excludes_zero()
+    with pytest.raises(ValueError):
+        mean_interval([1.0])
