@@ -8,7 +8,9 @@ Simplifications and decisions:
   Yelp subsets) fit comfortably.
 - Time is an integer (unix seconds). "Earlier" always means strictly smaller time: interactions that
   share a timestamp never see each other, which is the only safe choice when files round to the day.
-- Repeated (user, item) pairs are separate interactions and are all kept.
+- Repeated (user, item) pairs are separate interactions and are all kept, but a target's prompt never
+  shows the user's own earlier ratings of the same item, in either history or in either average: with
+  repeats, that rating is the label more often than not.
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ class Split:
 class Example:
     """One prediction task: everything the prompt may show, all strictly earlier than `target.time`.
 
-    user_history: the user's last <= 10 earlier ratings (oldest first) with their items.
+    user_history: the user's last <= 10 earlier ratings of other items (oldest first), with those items.
     item_history: the last <= 10 earlier ratings of the target item by other users (oldest first).
-    user_avg / item_avg: means over *all* earlier ratings (before truncation to 10).
+    user_avg / item_avg: means over *all* such earlier ratings (before truncation to 10).
     """
 
     target: Rating
@@ -178,13 +180,15 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
     """An Example per target whose histories are both non-empty and hold >= min_total entries together.
 
     Histories come from all of `data.ratings`, whatever the split: only ratings strictly earlier
-    than the target are visible, so nothing from its future (or its timestamp) leaks. O(log n) each.
+    than the target are visible, so nothing from its future (or its timestamp) leaks, and the user's
+    own earlier ratings of the target item are left out of both sides (and both averages).
+    O(log n) each, plus the user's repeats of the target item.
     """
     ordered = sorted(data.ratings, key=lambda r: r.time)
     pair_counts = Counter((r.user_id, r.item_id) for r in ordered)
     by_user = _timelines(ordered, lambda r: r.user_id)
     by_item = _timelines(ordered, lambda r: r.item_id)
-    # Only repeated (user, item) pairs can have ratings to exclude from "other users".
+    # Only repeated (user, item) pairs have ratings to leave out: the user's own ones of the target item.
     by_pair = _timelines((r for r in ordered if pair_counts[r.user_id, r.item_id] > 1),
                          lambda r: (r.user_id, r.item_id))
     empty = _Timeline([])
@@ -193,9 +197,10 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
         user, item = by_user.get(t.user_id, empty), by_item.get(t.item_id, empty)
         own = by_pair.get((t.user_id, t.item_id), empty)
         n_user, n_item, n_own = user.before(t.time), item.before(t.time), own.before(t.time)
-        if n_user == 0 or n_item == n_own:
+        if n_user == n_own or n_item == n_own:
             continue
-        user_hist = user.ratings[max(0, n_user - max_user_history):n_user]
+        mine = (user.ratings[i] for i in range(n_user - 1, -1, -1) if user.ratings[i].item_id != t.item_id)
+        user_hist = list(islice(mine, max_user_history))[::-1]
         others = (item.ratings[i] for i in range(n_item - 1, -1, -1) if item.ratings[i].user_id != t.user_id)
         item_hist = list(islice(others, max_item_history))[::-1]
         if len(user_hist) + len(item_hist) < min_total:
@@ -204,7 +209,7 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
             target=t, item=data.items.get(t.item_id) or Item(t.item_id),
             user_history=[(r, data.items.get(r.item_id) or Item(r.item_id)) for r in user_hist],
             item_history=item_hist,
-            user_avg=user.sums[n_user] / n_user,
+            user_avg=(user.sums[n_user] - own.sums[n_own]) / (n_user - n_own),
             item_avg=(item.sums[n_item] - own.sums[n_own]) / (n_item - n_own),
         ))
     return examples

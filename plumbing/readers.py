@@ -9,11 +9,14 @@ ever eval'd or unpickled.
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import gzip
 import json
 import math
 import re
+import sys
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -62,14 +65,19 @@ class _Lines:
         self.path, self.encoding, self.no, self.first, self.bad_bytes, self.eof = path, encoding, 0, 0, False, False
 
     def __iter__(self) -> Iterator[str]:
-        with (gzip.open if self.path.name.endswith(".gz") else open)(self.path, "rb") as f:
-            for raw in f:
-                self.no = self.first = self.no + 1
-                try:
-                    yield raw.decode(self.encoding)
-                except UnicodeDecodeError:  # flag it so that only the row holding it is rejected
-                    self.bad_bytes = True
-                    yield raw.decode(self.encoding, errors="replace")
+        try:
+            with (gzip.open if self.path.name.endswith(".gz") else open)(self.path, "rb") as f:
+                for raw in f:
+                    if self.no == 0:  # a byte-order mark (some editors write one) is not part of the first field
+                        raw = raw.removeprefix(codecs.BOM_UTF8)
+                    self.no = self.first = self.no + 1
+                    try:
+                        yield raw.decode(self.encoding)
+                    except UnicodeDecodeError:  # flag it so that only the row holding it is rejected
+                        self.bad_bytes = True
+                        yield raw.decode(self.encoding, errors="replace")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated or corrupt .gz
+            raise DataError(f"{self.path.name} line {self.no + 1}: unreadable ({e})") from None
         self.eof = True
 
 
@@ -149,6 +157,8 @@ def _number(value: object) -> float:
 
 # Times outside 1970 to the end of 2100 (unix seconds) are typos or wrong units, not ratings.
 _TIME_RANGE = (0.0, datetime(2101, 1, 1, tzinfo=timezone.utc).timestamp())
+# Milliseconds below this are March 1973 or earlier: a file whose first time is this small is in seconds
+_MILLIS_FLOOR = 1e11
 
 
 def _parse_time(value: object, key: str, millis: bool) -> int:
@@ -184,7 +194,11 @@ def _rating_from(row: dict, cols: tuple, scale: tuple[float, float], millis: boo
         raise _RowError(rating_key, f"{_shown(raw)} is not a number") from None
     if not scale[0] <= rating <= scale[1]:  # also rejects NaN
         raise _RowError(rating_key, f"{_shown(raw)} is outside the scale {scale[0]:g}-{scale[1]:g}")
-    return Rating(str(required(user)).strip(), str(required(item)).strip(), rating,
+    ids = {key: str(required(key)).strip() for key in (user, item)}
+    for key, value in ids.items():
+        if "\x00" in value:  # a damaged file: the id would be a phantom user or item
+            raise _RowError(key, f"{_shown(value)} holds a NUL byte")
+    return Rating(ids[user], ids[item], rating,
                   _parse_time(required(time_key), time_key, millis),
                   _clean(row.get(review)) if review else "", _clean(row.get(summary)) if summary else "")
 
@@ -384,33 +398,39 @@ def load_ratings(path: str | Path, fmt: str, meta_path: str | Path | None = None
         sep = "\t" if fmt == "ml-100k" else "::"
         parse = lambda line: _rating_from(dict(zip(cols, _fields(line, sep, 4))), cols, scale)  # noqa: E731
     else:
+        millis = None  # amazon2023: milliseconds, unless the file's first time is plainly in seconds
+
         def parse(line: str) -> Rating:
+            nonlocal millis
             row = _json_object(line)
             if fmt == "amazon2023":
                 row["parent_asin"] = row.get("parent_asin") or row.get("asin")
-            return _rating_from(row, cols, scale, millis=fmt == "amazon2023")
+                first = row.get("timestamp")
+                if millis is None and isinstance(first, (int, float)) and not isinstance(first, bool):
+                    millis = first >= _MILLIS_FLOOR
+                    if not millis:  # read as milliseconds, every time would fall in the early 1970s
+                        print(f"warning: {path.name}: the first time, {first:g}, is in seconds, not the milliseconds "
+                              "of Amazon 2023 files: the file is read as seconds", file=sys.stderr)
+            return _rating_from(row, cols, scale, millis=fmt == "amazon2023" and millis is not False)
     ratings, skipped = [], 0
-    try:
-        for result in _collect(lines, records, parse):
-            # A stray quote makes the csv module read on, as one field, up to the next quote or the end of
-            # the file: every line it took is lost, so each counts, and the error names where it opened.
-            span = lines.no - lines.first + 1
-            if lines.eof:  # only a quoted field still open asks for a line past the last one
-                result = (f"line {lines.first}: an unclosed quote swallows the rest of the file "
-                          f"({span:,} line{'s' * (span != 1)})")
-            elif isinstance(result, Rating):
-                ratings.append(result)
-                continue
-            elif span > 1:
-                result = (f"line {lines.first}: a quoted field opened here runs to line {lines.no}, "
-                          f"taking {span:,} lines (a stray quote?): {result}")
-            else:
-                result = f"line {lines.no}: {result}"
-            if not skip_bad_rows:
-                raise DataError(f"{path.name} {result}" + ("" if ratings else hint))
-            skipped += span
-    except (EOFError, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
-        raise DataError(f"{path.name} line {lines.no}: unreadable ({e})") from None
+    for result in _collect(lines, records, parse):
+        # A stray quote makes the csv module read on, as one field, up to the next quote or the end of
+        # the file: every line it took is lost, so each counts, and the error names where it opened.
+        span = lines.no - lines.first + 1
+        if lines.eof:  # only a quoted field still open asks for a line past the last one
+            result = (f"line {lines.first}: an unclosed quote swallows the rest of the file "
+                      f"({span:,} line{'s' * (span != 1)})")
+        elif isinstance(result, Rating):
+            ratings.append(result)
+            continue
+        elif span > 1:
+            result = (f"line {lines.first}: a quoted field opened here runs to line {lines.no}, "
+                      f"taking {span:,} lines (a stray quote?): {result}")
+        else:
+            result = f"line {lines.no}: {result}"
+        if not skip_bad_rows:
+            raise DataError(f"{path.name} {result}" + ("" if ratings else hint))
+        skipped += span
     ratings.sort(key=lambda r: r.time)  # stable, so ties keep file order
     if meta is not None:
         described = _read_meta(meta, fmt)

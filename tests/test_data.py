@@ -308,6 +308,48 @@ def test_times_outside_1970_2100_are_bad_rows(tmp_path, fmt, name, text, field, 
     assert len(data.ratings) == 1 and data.skipped == 1
 
 
+def test_damaged_gzip_files_are_one_line(tmp_path):
+    """A corrupt ratings .gz raised zlib.error, a truncated metadata .gz EOFError: now a DataError naming
+    the file and the line where reading stopped."""
+    import zlib
+
+    rows = jsonl([{"reviewerID": f"u{i}", "asin": "a", "overall": 5, "unixReviewTime": 1000 + i} for i in range(400)])
+    whole = gzip.compress(rows.encode())
+    corrupt = tmp_path / "r.json.gz"
+    corrupt.write_bytes(whole[:40] + bytes(b ^ 0xFF for b in whole[40:80]) + whole[80:])
+    with pytest.raises(DataError, match=r"^r.json.gz line \d+: unreadable"):
+        load_ratings(corrupt, "amazon")
+    (tmp_path / "ok.json").write_text(rows)
+    (tmp_path / "meta.json.gz").write_bytes(gzip.compress(jsonl([{"asin": "a", "title": "T"}] * 300).encode())[:-30])
+    with pytest.raises(DataError, match=r"^meta.json.gz line \d+: unreadable"):
+        load_ratings(tmp_path / "ok.json", "amazon", tmp_path / "meta.json.gz")
+    assert zlib  # zlib.error is one of the errors caught
+
+
+@pytest.mark.parametrize("fmt, name, text", [("ml-1m", "ratings.dat", "1::10::5::978300760\n"),
+                                             ("ml-100k", "u.data", "1\t10\t4\t881250949\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_user(tmp_path, fmt, name, text):
+    """A UTF-8 BOM (some editors write one) made the first user '\\ufeff1', a user of their own."""
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_ratings(tmp_path / name, fmt).ratings[0].user_id == "1"
+
+
+def test_amazon_2023_times_in_seconds_are_read_as_seconds_with_a_warning(tmp_path, capsys):
+    """Amazon 2023 times are milliseconds; a file in seconds used to put every rating in January 1970,
+    silently. A file whose first time is plainly seconds (below 1e11) is read as seconds, with a warning."""
+    write(tmp_path / "r.jsonl", jsonl([{"user_id": "u", "asin": "a", "rating": 5, "timestamp": 1588615855},
+                                       {"user_id": "v", "asin": "a", "rating": 4, "timestamp": 1588615900}]))
+    assert [r.time for r in load_ratings(tmp_path / "r.jsonl", "amazon2023").ratings] == [1588615855, 1588615900]
+    assert "the first time, 1.58862e+09, is in seconds" in capsys.readouterr().err
+
+
+def test_a_nul_byte_in_an_id_is_a_bad_row(tmp_path):
+    """A NUL byte in an id (a damaged file) made a phantom item; now a bad row naming the field."""
+    write(tmp_path / "r.csv", CSV_HEAD + "u,i,4,1\nu,i\x00,4,2\n")
+    with pytest.raises(DataError, match=r"^r.csv line 3: field 'item_id': 'i\\x00' holds a NUL byte"):
+        load_ratings(tmp_path / "r.csv", "csv")
+
+
 def test_times_at_the_ends_of_the_range_are_kept(tmp_path):
     """The epoch itself and the last second of 2100 are valid times."""
     write(tmp_path / "r.csv", CSV_HEAD + "u,i,4,0\nu,i,4,2100-12-31T23:59:59\nu,i,4,4133980799\n")
@@ -461,16 +503,18 @@ def test_global_split_respects_ties():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_histories_are_leak_free(seed):
-    """Every history entry is strictly earlier, item history excludes the target user, means are exact."""
+    """Every history entry is strictly earlier, item history excludes the target user, user history
+    the target item (the user's own earlier ratings of it), means are exact."""
     data = random_data(seed)
     examples = build_examples(data, data.ratings, min_total=1)
     assert len(examples) > len(data.ratings) // 2
     for ex in examples:
         t = ex.target
-        earlier_user = [r.rating for r in data.ratings if r.user_id == t.user_id and r.time < t.time]
+        earlier_user = [r.rating for r in data.ratings
+                        if r.user_id == t.user_id and r.item_id != t.item_id and r.time < t.time]
         earlier_item = [r for r in data.ratings
                         if r.item_id == t.item_id and r.user_id != t.user_id and r.time < t.time]
-        assert all(r.time < t.time and r.user_id == t.user_id for r, _ in ex.user_history)
+        assert all(r.time < t.time and r.user_id == t.user_id and r.item_id != t.item_id for r, _ in ex.user_history)
         assert all(r.time < t.time and r.user_id != t.user_id and r.item_id == t.item_id
                    for r in ex.item_history)
         assert ex.user_avg == pytest.approx(np.mean(earlier_user))
@@ -481,6 +525,23 @@ def test_histories_are_leak_free(seed):
         assert ex.item.item_id == t.item_id and ex.label == t.rating
         assert all(item.item_id == r.item_id for r, item in ex.user_history)
     assert any(item.title == "Zero" for ex in examples for _, item in ex.user_history)
+
+
+def test_a_users_own_earlier_rating_of_the_target_never_enters_its_prompt(tmp_path):
+    """A file where users rate the same items again, with the same ratings: the second rating's prompt
+    used to show the first (the label itself) in the user's history and average. Now neither history
+    nor either average holds the user's own earlier rating of the target item."""
+    rows = [f"u{u},i{i},{1 + (u * 3 + i) % 5},{t + 100 * u + i}" for t in (0, 10_000) for u in range(8) for i in range(6)]
+    data = load_ratings(write(tmp_path / "r.csv", CSV_HEAD + "\n".join(rows) + "\n"), "csv")
+    repeats = [e for e in build_examples(data, data.ratings, min_total=1) if e.target.time >= 10_000]
+    assert len(repeats) > 30
+    for e in repeats:
+        t = e.target
+        assert all(r.item_id != t.item_id for r, _ in e.user_history)
+        assert all(r.user_id != t.user_id for r in e.item_history)
+        others = [r.rating for r in data.ratings if r.user_id == t.user_id and r.item_id != t.item_id and r.time < t.time]
+        assert e.user_avg == pytest.approx(np.mean(others))
+        assert f"item {t.item_id}," not in render_user_message(e).split("target_item")[0]
 
 
 def test_build_examples_drops_thin_histories():
@@ -494,6 +555,7 @@ def test_build_examples_drops_thin_histories():
     ex = build_examples(data, [new_item_for_c, repeat], min_total=1)
     assert [e.target for e in ex] == [repeat]  # c had no earlier rating
     assert [r.user_id for r in ex[0].item_history] == ["b"]  # a's own earlier rating of x excluded
-    assert ex[0].item_avg == 4.0 and ex[0].user_avg == pytest.approx(4.0)
+    assert [r.item_id for r, _ in ex[0].user_history] == ["y"]  # ... from both sides
+    assert ex[0].item_avg == 4.0 and ex[0].user_avg == pytest.approx(3.0)
     assert build_examples(data, [repeat], min_total=5) == []  # 3 + 1 entries < 5
     assert len(build_examples(data, [repeat], max_user_history=1, min_total=2)[0].user_history) == 1
