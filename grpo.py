@@ -377,9 +377,18 @@ def sum_gradients(params, all_reduce) -> None:
         all_reduce(p.grad)
 
 
-def _scalar(t: torch.Tensor) -> float:
-    # under FSDP the grad norm is a DTensor of per-shard parts; full_tensor() combines them
+def scalar(t: torch.Tensor) -> float:
+    """A one-element tensor's value; under FSDP the grad norm is a DTensor of per-shard parts, which
+    full_tensor() combines."""
     return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+
+def all_finite(params, all_reduce=None) -> bool:
+    """Whether every weight in `params` is finite, on every rank (FSDP: each rank checks its shards;
+    `all_reduce` sums the verdicts). One device sync for all tensors, not one per tensor."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+    return scalar(all_reduce(bad) if all_reduce is not None else bad) == 0
 
 
 def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None,
@@ -426,7 +435,7 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
         # Step 7: one optimizer step on the accumulated gradient
         if all_reduce is not None:
             sum_gradients(params, all_reduce)
-        grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
         passes += 1
         bad = float(not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)))
@@ -441,11 +450,7 @@ def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_pol
         # spans the whole run): those copies are stale now
         torch.clear_autocast_cache()
     # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
-    weights_finite = 1.0
-    if passes and not skipped:  # one device sync for all tensors, not one per tensor
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]  # FSDP: this rank's shards
-        bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
-        weights_finite = float(_scalar(all_reduce(bad) if all_reduce is not None else bad) == 0)
+    weights_finite = float(all_finite(params, all_reduce)) if passes and not skipped else 1.0
     n_tok = max(int(mask.sum()), 1)
     if all_reduce is not None:  # each rank summed its part of the globally normalised losses: add the parts
         parts = all_reduce(torch.tensor([totals[k] for k in ("loss", "pg_loss", "kl")], dtype=torch.float64,

@@ -15,7 +15,10 @@ Simplifications:
   replays exactly what an uninterrupted one would: a checkpoint needs the model, the optimizer and
   the step.
 - Ctrl-C and SIGTERM are requests (GracefulStop): the SFT batch or GRPO step in progress finishes,
-  then a checkpoint is written that --resume continues from, in SFT or in GRPO.
+  then a checkpoint is written that --resume continues from, in SFT or in GRPO. The cold-start SFT
+  also saves every --sft-save-every batches and at its end, so even a kill loses little of it.
+- One run per folder (plumbing/runs.py): a run locks its --out and refuses one that holds another
+  run; --eval-only writes into OUT/eval/, --dry-run nowhere in --out.
 - Under torchrun each rank takes its share of each step's prompts (and of each SFT batch) and the
   gradients of one globally normalised loss are summed, so N ranks take the one-process step; each
   rank decodes its share of the evaluation examples; rank 0 logs and writes checkpoints. With --fsdp
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -64,6 +68,7 @@ from plumbing.experiment import (
 from plumbing.memory import device_bytes, fits
 from plumbing.parallel import Distributed, end_distributed, gathered, setup_distributed, shard
 from plumbing.readers import DataError
+from plumbing.runs import FolderError, WriteError, run_folder, write_text
 from plumbing.report import (
     RunLog,
     baseline_rows,
@@ -91,6 +96,7 @@ class SFTConfig:
     sft_lr: float = 1e-5
     sft_batch: int = 16
     sft_prompt_weight: float = 0.0  # > 0 also trains on the prompt tokens
+    sft_save_every: int = 50  # batches between checkpoints
     micro_batch: int = 8  # rows per forward/backward; gradients accumulate over the batch
     seed: int = 0
 
@@ -127,10 +133,12 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
     cfg.sft_prompt_weight times the same loss on the prompt tokens. AdamW, linear warm-up then decay.
 
     Resumable: `start` batches are skipped (the same seeded order is replayed) after AdamW's moments
-    and schedule are restored from `resume_from`. When `stop` is requested (Ctrl-C, SIGTERM), the
-    batch in progress finishes, save(step, optimizer) writes a checkpoint and the run exits (130).
-    Under torchrun every rank takes every dist.world-th row of each batch and the gradients are summed,
-    so N ranks take the one-process step."""
+    and schedule are restored from `resume_from`. save(step, optimizer) writes a checkpoint every
+    cfg.sft_save_every batches and after the last one; when `stop` is requested (Ctrl-C, SIGTERM), the
+    batch in progress finishes, is saved, and the run exits (130). As in GRPO, a batch with a
+    non-finite loss or gradient is skipped (and never saved right after); MAX_BAD_STEPS in a row, or
+    non-finite weights, stop the run (exit 3) without saving. Under torchrun every rank takes every
+    dist.world-th row of each batch and the gradients are summed, so N ranks take the one-process step."""
     if not traces:
         raise ValueError("sft: no traces to train on")
     tok = prompter.tok
@@ -148,7 +156,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
     device = model.embed_tokens.weight.device
     model.train()
     bar = tqdm(total=steps, initial=start, desc="cold-start SFT", disable=dist.rank != 0)
-    step = 0
+    step = bad = 0  # bad: batches in a row skipped for a non-finite loss or gradient
     for epoch in range(cfg.sft_epochs):
         order = rng.permutation(len(rows))  # drawn for every epoch, so a resumed run sees the same order
         for i in range(0, len(rows), cfg.sft_batch):
@@ -172,23 +180,41 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, log=lamb
             if dist.world > 1:
                 grpo.sum_gradients(trained, dist.all_reduce)
                 loss = dist.sum(loss)
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            opt.step()
-            torch.clear_autocast_cache()  # its low-precision copies of the weights are stale now (grpo_update)
+            norm = grpo.scalar(torch.nn.utils.clip_grad_norm_(trained, 1.0))  # the same on every rank
+            if math.isfinite(loss) and math.isfinite(norm):
+                opt.step()
+                torch.clear_autocast_cache()  # its low-precision copies of the weights are stale now (grpo_update)
+                bad = 0
+                if not grpo.all_finite(trained, dist.all_reduce if dist.world > 1 else None):
+                    diverged(f"cold-start SFT batch {step + 1}: the update made weights non-finite; they are "
+                             "discarded.", "--sft-lr")
+            else:  # never step on nan/inf
+                opt.zero_grad(set_to_none=True)
+                bad += 1
+                tqdm.write(f"warning: cold-start SFT batch {step + 1}: non-finite loss or gradient, update skipped",
+                           file=sys.stderr)
+                if bad == MAX_BAD_STEPS:
+                    diverged(f"{MAX_BAD_STEPS} cold-start SFT batches in a row (to batch {step + 1}) had a "
+                             "non-finite loss or gradient: the weights have diverged.", "--sft-lr")
             sched.step()
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
+            if i + cfg.sft_batch >= len(rows):  # the epoch's last batch, logged before any save of it
+                log({"stage": "sft", "epoch": epoch + 1, "batch": step, "loss": loss})
             if stopping(stop, dist) and save is not None:
                 bar.close()
-                if i + cfg.sft_batch >= len(rows):  # the epoch's last batch: its record is due now
-                    log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
                 opt.zero_grad(set_to_none=True)
-                save(step, opt)
+                if not bad:  # never right after a non-finite batch: the weights may be the cause
+                    save(step, opt, stopping=True)
+                elif dist.rank == 0:
+                    tqdm.write(f"stopping in the cold-start SFT at batch {step}, unsaved: it was not finite",
+                               file=sys.stderr)
                 dist.barrier()  # torchrun ends the others when one rank exits: not while rank 0 writes
                 sys.exit(130)
-        if step > start:  # this run trained in this epoch
-            log({"stage": "sft", "epoch": epoch + 1, "loss": loss})
+            if save is not None and not bad and (step % cfg.sft_save_every == 0 or step == steps):
+                opt.zero_grad(set_to_none=True)
+                save(step, opt)  # at the end too: a kill while the cold start is written loses no batch
     bar.close()
     model.eval()
 
@@ -216,10 +242,13 @@ NO_SIGNAL_STEPS = 3  # flat steps with no formatted completion before train_grpo
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before train_grpo stops the run
 
 
-def diverged(msg: str):
+def diverged(msg: str, lr_flag: str = "--lr"):
     """Stop a run whose weights can no longer be trusted: nothing is saved, exit code 3."""
+    name = lr_flag.lstrip("-").replace("-", "_")
     tqdm.write(f"train.py: error: {msg} Nothing was saved after it; resume from the last checkpoint written "
-               "(if any) with a lower learning rate: --resume OUT/checkpoint --resume-override lr --lr ...",
+               f"(if any) with a lower learning rate: --resume OUT/checkpoint --resume-override {name} {lr_flag} ... "
+               "(check its validation records in metrics.jsonl first: it may hold a policy that had already "
+               "collapsed; with --select best, OUT/best/ holds the best validated weights, a --model for a new run)",
                file=sys.stderr)
     sys.exit(3)
 
@@ -342,13 +371,15 @@ def stopping(stop: GracefulStop | None, dist: Distributed) -> bool:
 
 class GracefulStop:
     """Ctrl-C (SIGINT) or SIGTERM, what schedulers send, asks the loops to stop after the step in
-    progress, so a checkpoint never holds a half-applied update; a second signal stops at once."""
+    progress, so a checkpoint never holds a half-applied update; a second signal stops at once.
+    A run that saves nothing (--eval-only, --dry-run: saves=False) stops at the first signal."""
 
-    def __init__(self):
+    def __init__(self, saves: bool = True):
+        self.saves = saves
         self.requested: str | None = None  # the first signal's name
 
     def __call__(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.saves:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         tqdm.write(f"{self.requested}: stopping after this step to save a checkpoint "
@@ -378,15 +409,18 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compute, dtype = dtype, torch.float32 if cfg.master_weights == "fp32" else dtype  # dtype: of the weights
-    stop = GracefulStop()
+    stop = GracefulStop(saves=not (cfg.eval_only or cfg.dry_run))
+    folder = run_folder(cfg.out, eval_only=cfg.eval_only, dry_run=cfg.dry_run, overwrite=cfg.overwrite,
+                        resume=cfg.resume, rank=int(os.environ.get("RANK", 0)))
     try:
-        with stop.installed(), torch.autocast(device.split(":")[0], dtype=compute, enabled=compute != dtype):
-            run(cfg, device, dtype, compute, stop)
+        with stop.installed(), folder as out, torch.autocast(device.split(":")[0], dtype=compute,
+                                                             enabled=compute != dtype):
+            run(cfg, out, device, dtype, compute, stop)
         end_distributed()  # after every way run() returns (--dry-run and --eval-only return early)
-    except KeyboardInterrupt:  # a second signal: stop where we are
-        print("\ninterrupted again: stopped without saving", file=sys.stderr)
+    except KeyboardInterrupt:  # a second signal (or the first, in a run that saves nothing): stop here
+        print(f"\ninterrupted{' again' if stop.saves else ''}: stopped without saving", file=sys.stderr)
         sys.exit(130)
-    except (CheckpointError, DataError) as e:  # a file that fails mid-run (a full disk, a cut optimizer file)
+    except (CheckpointError, DataError, WriteError, FolderError) as e:  # a folder in use, a full disk, a cut file
         fail(str(e))
 
 
@@ -403,16 +437,13 @@ def distribute(model, dist: Distributed, compute):
     return shard(model, compute, dist.device) if dist.fsdp else model
 
 
-def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None = None):
-    """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked)."""
+def run(cfg: RunConfig, out: Path, device: str, dtype, compute, stop: GracefulStop | None = None):
+    """Everything after the flags: data, model, cold start, GRPO, evaluation (inside autocast if asked).
+    out: the folder it writes into (runs.run_folder: --out, OUT/eval for --eval-only, a temporary one
+    for --dry-run)."""
     dist = setup_distributed(device, cfg.fsdp)
     load_to = "cpu" if dist.fsdp else device  # FSDP: whole on the CPU, then each rank's shard to its device
-    out = Path(cfg.out)
     base_dtype = compute if cfg.lora_rank else dtype  # with LoRA the base is frozen: keep it in the compute dtype
-    if cfg.demo and cfg.mode == "reczero" and not cfg.resume and dist.rank == 0:
-        print("warning: --mode reczero on the embedded demo starts GRPO from the demo's random weights, which "
-              "cannot write the four-tag format: every reward will be the format penalty and GRPO has no signal. "
-              "Use --mode recone (the default) or --model with an instruct checkpoint.", file=sys.stderr)
     try:
         task = load_task(cfg)
         state = TrainerState.read(cfg.resume) if cfg.resume else TrainerState(start_model=cfg.model)
@@ -430,7 +461,8 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             config = load_config(base)
             tok.check_fits(config.vocab_size, tok_dir)
         else:  # the demo: a tokenizer trained on the synthetic text, a tiny random model
-            tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, dist.rank)
+            # --dry-run: every rank trains its own, in its own temporary folder
+            tok_dir = demo_tokenizer(task, prompt_settings(cfg, task.scale), out, 0 if cfg.dry_run else dist.rank)
             dist.barrier()
             tok = Tokenizer(tok_dir)
             model = demo_model(tok.vocab_size, tok.turn_end_id, cfg.seed).to(load_to, dtype)
@@ -441,9 +473,10 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             print(plan.describe())
         if cfg.dry_run:
             return
-        if not cfg.eval_only and (problem := fits(plan, device_bytes(device))):  # scoring holds no gradients
+        if problem := fits(plan, device_bytes(device), evaluation=cfg.eval_only):  # scoring holds no gradients
             fail(problem)
-        log = RunLog(out, dist.rank == 0, state.step if cfg.resume else None)
+        resumed = cfg.resume and not cfg.eval_only  # an evaluation starts its own log
+        log = RunLog(out, dist.rank == 0, state.step if resumed else None, state.sft_step if resumed else None)
         if cfg.resume or cfg.model:
             model = with_lora(load_model(base, base_dtype, load_to), cfg)
             if cfg.lora_rank and cfg.resume:
@@ -466,7 +499,9 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         log({"stage": "baseline", "name": name, **asdict(m)})
     if cfg.eval_only:
         rows.append(("model", score_test(model, "model", "test")))
+        log({"stage": "test", "name": "model", **asdict(rows[-1][1])})
         if dist.rank == 0:
+            write_text(out / "results.md", results_table(rows) + "\n")
             print(results_table(rows))
         return
     if cfg.mode == "recone" and (not cfg.resume or state.sft_step is not None):
@@ -481,8 +516,8 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
             except (OSError, ValueError) as e:
                 fail(f"--resume {cfg.resume}: cannot read the cold start's traces: {e}")
 
-        def save_sft(step: int, opt):
-            if dist.rank == 0:
+        def save_sft(step: int, opt, stopping: bool = False):
+            if stopping and dist.rank == 0:
                 tqdm.write(f"stopping in the cold-start SFT at batch {step}: saving {out / 'checkpoint'} "
                            f"(--resume {out / 'checkpoint'} continues from there)", file=sys.stderr)
             state.sft_step = step
@@ -520,13 +555,14 @@ def run(cfg: RunConfig, device: str, dtype, compute, stop: GracefulStop | None =
         start = "after cold start" if cfg.mode == "recone" else "before RL"
         rows += [(f"LLM {start}", RatingMetrics(**state.cold_start)), (label, final)]
         pred = out / "predictions"
-        intervals = [(f"after GRPO - {start}", compare(pred / "test.jsonl", pred / "test_start.jsonl")),
-                     ("after GRPO - matrix factorisation", compare(pred / "test.jsonl", pred / "baseline-mf.jsonl")),
-                     ("after GRPO - user+item bias", compare(pred / "test.jsonl", pred / "baseline-bias.jsonl"))]
+        against = [(start, "test_start"), ("matrix factorisation", "baseline-mf"), ("user+item bias", "baseline-bias")]
+        # a run resumed into another --out finds its cold start's predictions in the first run's folder only
+        intervals = [(f"after GRPO - {name}", compare(pred / "test.jsonl", pred / f"{stem}.jsonl"))
+                     for name, stem in against if (pred / f"{stem}.jsonl").exists()]
         for name, iv in intervals:
             log({"stage": "interval", "name": name, **asdict(iv)})
         table = results_table(rows) + f"\n\nOn the same {final.n} test examples:\n\n" + interval_table(intervals)
-        (out / "results.md").write_text(table + "\n")
+        write_text(out / "results.md", table + "\n")
         print(table)
         plot(out)
 

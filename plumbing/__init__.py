@@ -6,6 +6,8 @@
 - parallel.py: running as one of N torchrun processes: data parallel, and FSDP (--fsdp).
 - memory.py: the memory plan: what a run will hold on its device, before any weight loads.
 - checkpoints.py: Hugging Face checkpoint folders in and out (safetensors only), training checkpoints.
+- runs.py: one run per output folder (a lock, refusals, --eval-only's and --dry-run's folders) and
+  files written whole or not at all (a full disk is one line naming the file).
 - tokenizer.py: `tokenizer.json` through `tokenizers`, chat formats, the demo's BPE trainer.
 - readers.py: Amazon, MovieLens, Yelp and CSV rating files (docs/data.md).
 - synthetic.py: the embedded synthetic dataset of the demo.

@@ -7,16 +7,20 @@ so *.bin / *.pt files are never opened.
 
 A training checkpoint is such a folder with two more files: optimizer.safetensors (AdamW moments)
 and trainer_state.json (the TrainerState, the run's flags, the optimizer's param groups). Every
-folder is written to a temporary directory first and renamed into place, so a killed run leaves the
-previous checkpoint whole. A model sharded with FSDP is saved whole, the same folder (plumbing/parallel.py).
+folder is written to a temporary directory first and renamed into place (plumbing/runs.py), so a
+killed run leaves the previous checkpoint whole. A model sharded with FSDP is saved whole, the same
+folder (plumbing/parallel.py).
+
+Whatever is read is checked before it is used, and a file that fails is named in one line
+(CheckpointError): weights that are not floating point or not finite, AdamW moments that do not
+match the trained parameters, a trainer_state.json whose fields have the wrong type.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save, save_file
 import lora
 from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
 from plumbing import parallel
+from plumbing.runs import WriteError, written_dir
 from plumbing.tokenizer import TOKENIZER_FILES
 
 # -----------------------------------------------------------------------------
@@ -99,7 +104,14 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                 if shape != tuple(expected[key]):
                     bad_shape[key] = f"{name} {shape} (expected {tuple(expected[key])})"
                     continue
-                state[key] = sf.get_tensor(name).to(dtype)
+                tensor = sf.get_tensor(name)
+                if not tensor.is_floating_point():  # int8 & co: a quantised checkpoint, which would load as garbage
+                    raise CheckpointError(f"{f}: tensor {name} is {tensor.dtype}, not floating point (a quantised "
+                                          "checkpoint? this project loads fp32, bf16 or fp16 weights)")
+                if not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{f}: tensor {name} holds NaN or infinite values (the weights of a "
+                                          "diverged run?)")
+                state[key] = tensor.to(dtype)
     missing = sorted(set(expected) - set(state) - set(bad_shape))
     problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
         [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \
@@ -109,41 +121,6 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in the file: rebuild off meta
     return model.to(device).eval()
-
-
-def recover(path) -> Path:
-    """A run killed between replace_dir's two renames leaves only `path.old`, the last whole
-    checkpoint: put it back in place. Returns `path`."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.is_dir():
-        try:
-            os.replace(old, path)
-            print(f"{path}: recovered from {old.name} (a run was killed while replacing it)")
-        except FileNotFoundError:  # another rank of a torchrun job put it back first
-            if not path.is_dir():
-                raise
-    return path
-
-
-def _clean_leftovers(path: Path):
-    """Remove temporary directories of earlier writes of `path` that a kill interrupted: on a full
-    disk they would keep it full, and the next write would fail the same way."""
-    for leftover in path.parent.glob(path.name + ".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, final: Path):
-    """Move a fully written directory into place; a crash leaves either the old or the new one."""
-    final = Path(final)
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def save_model(model: Transformer, path, tokenizer_dir=None, extra_files: dict | None = None):
@@ -160,34 +137,26 @@ def write_model(model: Transformer, weights: dict[str, torch.Tensor], path, toke
                 extra_files: dict | None = None):
     """save_model's writing half: `weights` is the model's whole state dict (adapters merged here)."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        recover(path)
-        _clean_leftovers(path)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-        adapters = lora.has_lora(model) and lora.adapter_config(model)
-        merged = lora.merged_state_dict(weights, adapters["lora_alpha"] / adapters["r"]) if adapters else weights
-        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
-                 for k, v in merged.items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if adapters:  # the adapters on their own too: what a resumed run trains on
-            save_file({k: v.detach().contiguous().cpu() for k, v in lora.adapter_state_dict(weights).items()},
-                      str(tmp / "adapter_model.safetensors"))
-            (tmp / "adapter_config.json").write_text(json.dumps(adapters, indent=1))
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy(Path(tokenizer_dir) / name, tmp / name)
-        for name, payload in (extra_files or {}).items():
-            (tmp / name).write_bytes(payload if isinstance(payload, bytes) else payload.encode())
-        replace_dir(tmp, path)
-    except OSError as e:  # a full disk, most often: one line, and the previous checkpoint is untouched
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        kept = " (the previous one is intact)" if path.exists() else ""
-        raise CheckpointError(f"{path}: could not be written{kept}: {e.strerror or e}") from None
+        with written_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+            adapters = lora.has_lora(model) and lora.adapter_config(model)
+            merged = lora.merged_state_dict(weights, adapters["lora_alpha"] / adapters["r"]) if adapters else weights
+            state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+                     for k, v in merged.items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if adapters:  # the adapters on their own too: what a resumed run trains on
+                save_file({k: v.detach().contiguous().cpu() for k, v in lora.adapter_state_dict(weights).items()},
+                          str(tmp / "adapter_model.safetensors"))
+                (tmp / "adapter_config.json").write_text(json.dumps(adapters, indent=1))
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_dir) / name).exists():
+                        shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+            for name, payload in (extra_files or {}).items():
+                (tmp / name).write_bytes(payload if isinstance(payload, bytes) else payload.encode())
+    except WriteError as e:  # a full disk, most often: one line, and the previous checkpoint is untouched
+        raise CheckpointError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------
@@ -225,18 +194,46 @@ class TrainerState:
                             saved.get("sft_step"), saved.get("sft_traces"))
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _best(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"step", "mae", "path"} and _count(value["step"])
+            and isinstance(value["mae"], (int, float)) and math.isfinite(value["mae"])
+            and isinstance(value["path"], str))
+
+
+# What each field of trainer_state.json must be, as save_checkpoint writes it (the flags in args are
+# checked by plumbing/cli.py, which knows their types)
+_STATE_FIELDS = {
+    "step": (_count, "a whole number >= 0"),
+    "param_groups": (lambda v: isinstance(v, list), "a list"),
+    "args": (lambda v: isinstance(v, dict), "an object of flags"),
+    "sft_step": (lambda v: v is None or _count(v), "a whole number >= 0 or null"),
+    "cold_start": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "best": (lambda v: v is None or _best(v), "null or {step, mae, path}"),
+    **{name: (lambda v: v is None or isinstance(v, str), "a string or null")
+       for name in ("start_model", "data_fingerprint", "sft_traces")},
+}
+
+
 def read_trainer_state(path) -> dict:
-    """trainer_state.json as written by save_checkpoint; a missing or cut file is a CheckpointError."""
+    """trainer_state.json as written by save_checkpoint; a missing or cut file, or a field of the
+    wrong type, is a CheckpointError naming the file and the field."""
     f = Path(path) / "trainer_state.json"
     try:
         saved = json.loads(f.read_text())
-        if not {"step", "param_groups", "args"} <= set(saved):
+        if not isinstance(saved, dict) or not {"step", "param_groups", "args"} <= set(saved):
             raise ValueError("fields step, param_groups or args missing")
-        return saved
     except FileNotFoundError:
         raise CheckpointError(f"{f}: missing (not a training checkpoint written by train.py)") from None
-    except (json.JSONDecodeError, ValueError) as e:
+    except (json.JSONDecodeError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: unreadable, so the checkpoint is incomplete ({e})") from None
+    for name, (ok, what) in _STATE_FIELDS.items():
+        if not ok(saved.get(name)):
+            raise CheckpointError(f"{f}: field '{name}' is {json.dumps(saved.get(name))[:80]}, not {what}")
+    return saved
 
 
 def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, flags: dict):
@@ -272,14 +269,33 @@ def _read_tensors(f: Path, why_needed: str) -> dict[str, torch.Tensor]:
         raise _unreadable(f, e) from None
 
 
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # per parameter, as torch's AdamW keeps it
+
+
 def load_optimizer(path: Path, optimizer) -> None:
     """Restore the AdamW moments written by save_checkpoint (no pickle involved). The optimizer keeps its
-    own hyper-parameters (lr, betas): they come from this run's flags, so --resume-override lr applies."""
+    own hyper-parameters (lr, betas): they come from this run's flags, so --resume-override lr applies.
+    Every trained parameter must have its moments, of its shape and finite: AdamW would otherwise
+    restart from zero moments without a word (a missing entry) or fail at its first step."""
+    f = Path(path) / "optimizer.safetensors"
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     state = {}
-    for key, value in _read_tensors(Path(path) / "optimizer.safetensors", "weights without AdamW's state").items():
-        i, name = key.split(".", 1)
-        if int(i) < len(params) and value.shape == params[int(i)].shape:  # a moment: sharded like its weight
+    for key, value in _read_tensors(f, "weights without AdamW's state").items():
+        i, _, name = key.partition(".")
+        if not (i.isdigit() and int(i) < len(params) and name in ADAMW_STATE):
+            raise CheckpointError(f"{f}: {key} is not an AdamW state of this run's {len(params)} trained "
+                                  "parameters (another model, or other --lora-rank / --lora-targets?)")
+        want = () if name == "step" else tuple(params[int(i)].shape)
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"{f}: {key} has shape {tuple(value.shape)}, but parameter {i} has shape {want} "
+                                  "(another model, or other --lora-rank / --lora-targets?)")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{f}: {key} holds NaN or infinite values")
+        if name != "step":  # a moment: sharded like its weight
             value = parallel.shard_like(params[int(i)], value)
         state.setdefault(int(i), {})[name] = value
+    incomplete = [i for i in range(len(params)) if set(state.get(i, ())) != set(ADAMW_STATE)]
+    if incomplete:
+        raise CheckpointError(f"{f}: no AdamW state for {len(incomplete)} of the {len(params)} trained parameters "
+                              f"(first: parameter {incomplete[0]}), so the checkpoint is incomplete")
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

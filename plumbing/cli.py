@@ -6,13 +6,15 @@ of the stages (grpo.GRPOConfig, train.SFTConfig, model.SamplingConfig) use the s
 the paper's setting (a real checkpoint, `--model`) and the CPU demo (no `--model`) carries both;
 parse_args applies the one that fits and `--help` shows both. A numeric field also says which values
 make sense (`Range`); check_args refuses any other, and bad paths, before any work starts: one line
-and exit code 2 (`fail`).
+and exit code 2 (`fail`). Flags that the run would ignore (the cold start's under --mode reczero, the
+teacher's with --sft-traces) are named in a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -20,11 +22,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from data import RATING_SCALE
 from grpo import LOSS_AGG_MODES
 from lora import TARGETS as LORA_TARGETS
 from model import CheckpointError
-from plumbing.checkpoints import read_trainer_state, recover
+from plumbing.checkpoints import read_trainer_state
+from plumbing.runs import lock_holder, recover
 from plumbing.readers import FORMATS
 from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, PromptCaps, full_system_prompt
 
@@ -46,9 +52,10 @@ class Range:
                 and (v < self.hi if self.hi_open else v <= self.hi))
 
     def __str__(self) -> str:
+        lo, hi = (f"{x:g}" if isinstance(x, float) else str(x) for x in (self.lo, self.hi))  # ints exactly
         if self.hi == math.inf:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
 
 
 def at_least(lo: float, why: str = "") -> Range:
@@ -82,8 +89,12 @@ class RunConfig:
                                    "it they are kept, with a warning", False)
     skip_bad_rows: bool = option("skip malformed data rows (and report how many) instead of stopping", False)
     mode: str = option("reczero: RL only; recone: cold-start SFT, then RL", "recone", choices=("reczero", "recone"))
-    out: str = option("output directory (checkpoints, metrics.jsonl, samples, plot)", "runs/demo")
-    seed: int = option("seed for data, model init, sampling and prompt order", 0, valid=at_least(0))
+    out: str = option("output directory (checkpoints, metrics.jsonl, samples, plot): one run per folder; "
+                      "--eval-only writes into OUT/eval/", "runs/demo")
+    overwrite: bool = option("let a new run replace the earlier run's files in --out (removed first); without "
+                             "it a folder that holds another run is refused", False)
+    seed: int = option("seed for data, model init, sampling and prompt order", 0,
+                       valid=Range(0, 2**64 - 1, why="torch's generators take 64-bit seeds"))
     # RecOne's cold start
     teacher: str = option("RecOne teacher: 'heuristic' or a checkpoint directory (sampled greedily)", "heuristic")
     sft_traces: str | None = option("JSONL of cold-start traces {user_id, item_id, time, text}; "
@@ -98,6 +109,8 @@ class RunConfig:
     sft_prompt_weight: float = option("weight of the prompt tokens' LM loss in SFT (the demo model has never "
                                       "read text, so it could also learn the prompt's language)", 0.0,
                                       valid=at_least(0))
+    sft_save_every: int = option("checkpoint the cold-start SFT every N batches (and at its end)", 50,
+                                 valid=at_least(1))
     # GRPO
     steps: int = option("GRPO steps", 300, 60, valid=at_least(0))
     prompts_per_step: int = option("prompts per GRPO step (over all ranks)", 8, 16, valid=at_least(1))
@@ -115,7 +128,8 @@ class RunConfig:
     kl_estimator: str = option("KL estimator when beta > 0", "k3", choices=("k1", "k2", "k3"))
     clip_low: float = option("PPO clip: ratio >= 1 - clip_low", 0.2,
                              valid=Range(0, 1, hi_open=True, why="the ratio's lower bound 1 - clip_low must be > 0"))
-    clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2, valid=at_least(0))
+    clip_high: float = option("PPO clip: ratio <= 1 + clip_high (DAPO: 0.28)", 0.2,
+                              valid=Range(0, 100, why="a larger bound clips nothing more in practice"))
     loss_agg: str = option("loss aggregation (the paper's verl: token-mean)", "token-mean", choices=LOSS_AGG_MODES)
     adv_scale: str = option("advantage std: group (GRPO), batch, none (Dr. GRPO)", "group",
                             choices=("group", "batch", "none"))
@@ -197,27 +211,81 @@ def _defaults_text(f: dataclasses.Field) -> str:
 
 # Flags a resumed run may change freely: how long it runs, how often it evaluates and saves, where it
 # writes, whether it recomputes activations. Any other change alters what the run computes: --resume-override.
-SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "select", "out", "threads", "eval_only",
-                  "dry_run", "grad_checkpointing", "fsdp",
+SAFE_ON_RESUME = ("steps", "eval_every", "save_every", "sample_every", "sft_save_every", "select", "out", "threads",
+                  "eval_only", "dry_run", "grad_checkpointing", "fsdp", "overwrite",
                   "resume", "resume_override")
 
 
 # How this process was launched, not what the run computes: never taken from the checkpoint (an --fsdp
-# checkpoint is one whole folder, and resumes in one process, under torchrun, sharded or not).
-LAUNCH_FLAGS = ("fsdp",)
+# checkpoint is one whole folder, and resumes in one process, under torchrun, sharded or not; the
+# --overwrite of a run's start must not delete that run when it is resumed).
+LAUNCH_FLAGS = ("fsdp", "overwrite")
+
+# Flags a resumed run can never change, not even with --resume-override: the adapters and AdamW's
+# moments have the shapes of the run's LoRA layers.
+FIXED_ON_RESUME = ("lora_rank", "lora_targets")
+
+# What the prompt looks like: --eval-only of a training checkpoint takes these from the run that wrote it
+PROMPT_FLAGS = ("system_prompt", "max_user_history", "max_item_history", "history_fields", "item_texts",
+                "mark_shared", "max_new_tokens")
+
+
+def _is_a(value, kind) -> bool:
+    """Whether a JSON value fits a RunConfig field of type `kind` (an int is a float; a bool is neither)."""
+    if isinstance(value, bool):  # JSON true is no number
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _check_saved_flags(state_file: Path, args: dict):
+    """Every saved flag that is a RunConfig field must have that field's type (a hand-edited or
+    damaged trainer_state.json would otherwise fail much later, or run with a wrong value)."""
+    types = typing.get_type_hints(RunConfig)
+    for name, value in args.items():
+        if name not in types:
+            continue  # a flag of another version of train.py: not used
+        kinds = typing.get_args(types[name]) or (types[name],)
+        if not any(_is_a(value, kind) for kind in kinds):
+            want = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            fail(f"{state_file}: field 'args.{name}' is {json.dumps(value)[:80]}, not {want}")
 
 
 def saved_run(checkpoint: str) -> dict:
     """The step and flags of a checkpoint written by train.py (put back from `.old` if a kill left
-    only that); one line on failure."""
+    only that); one line on failure, and when the run that writes it is still going."""
+    folder = Path(checkpoint).parent
+    # before recover(), which would move files under the running job; under torchrun rank 0 asks (the
+    # others could find the lock rank 0 has just taken for this very run)
+    if os.environ.get("RANK", "0") == "0" and (holder := lock_holder(folder)):
+        fail(f"--resume {checkpoint}: its run is still going ({holder} holds {folder}); wait for it to end, "
+             "or stop it first (Ctrl-C or SIGTERM saves a checkpoint)")
     path = recover(checkpoint)
     if not path.is_dir():
         fail(f"--resume {checkpoint}: no such checkpoint directory")
     try:
         saved = read_trainer_state(path)
-        return {"step": int(saved["step"]), "args": dict(saved["args"]), "in_sft": saved.get("sft_step") is not None}
     except CheckpointError as e:
         fail(str(e))
+    _check_saved_flags(path / "trainer_state.json", saved["args"])
+    return {"step": saved["step"], "args": saved["args"], "in_sft": saved.get("sft_step") is not None}
+
+
+def _trained_prompt(given: dict) -> dict:
+    """--eval-only of a training checkpoint (trainer_state.json beside the weights): the prompt flags
+    not given are those the checkpoint was trained with, not this script's defaults."""
+    model = Path(given["model"])
+    if not (model / "trainer_state.json").exists():
+        return given
+    try:
+        args = read_trainer_state(model)["args"]
+    except CheckpointError as e:
+        fail(str(e))
+    _check_saved_flags(model / "trainer_state.json", args)
+    taken = {name: args[name] for name in PROMPT_FLAGS if given[name] is None and name in args}
+    if taken:
+        shown = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items() if value is not None)
+        print(f"--eval-only: the prompt {model} was trained with: {shown}")
+    return {**given, **taken}
 
 
 def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
@@ -240,6 +308,14 @@ def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
     if changed:
         fail(f"--resume {given['resume']}: flags differ from the run that wrote it: {', '.join(changed)}. "
              "Start a new run, or name them in --resume-override to change them anyway")
+    for name in FIXED_ON_RESUME:
+        if values[name] != saved["args"].get(name, defaults[name]):
+            fail(f"--resume {given['resume']}: --{name.replace('_', '-')} cannot change on resume (the adapters and "
+                 f"AdamW's moments have the shapes of the run's LoRA layers); start a new run with "
+                 f"--model {given['resume']} instead")
+    if saved["in_sft"] and values["mode"] != "recone":
+        fail(f"--resume {given['resume']}: a checkpoint written during the cold-start SFT can only finish it "
+             "(--mode recone); start a new --mode reczero run with --model instead")
     if not (values["eval_only"] or values["dry_run"] or saved["in_sft"]) and values["steps"] <= saved["step"]:
         fail(f"--steps {values['steps']}: the checkpoint is already at step {saved['step']}, so there is "
              "nothing to do; ask for more steps, or --eval-only to score it")
@@ -269,14 +345,48 @@ def parse_args(argv=None) -> RunConfig:
     defaults = {f.name: f.metadata["demo"] if demo and f.metadata["demo"] is not _UNSET else f.default
                 for f in dataclasses.fields(RunConfig)}
     if saved:
-        return RunConfig(**_resume_values(given, saved, defaults))
-    return RunConfig(**{name: default if given[name] is None else given[name] for name, default in defaults.items()})
+        cfg = RunConfig(**_resume_values(given, saved, defaults))
+    else:
+        taken = _trained_prompt(given) if given["eval_only"] and given["model"] else given
+        cfg = RunConfig(**{name: default if taken[name] is None else taken[name] for name, default in defaults.items()})
+    _warn_ignored(given, cfg)
+    return cfg
+
+
+# The cold start's flags, and of those the ones that only the teacher reads
+COLD_START_FLAGS = ("teacher", "sft_traces", "cold_start_size", "rationalise_rate", "sft_epochs", "sft_lr",
+                    "sft_batch", "sft_prompt_weight", "sft_save_every")
+TEACHER_FLAGS = ("teacher", "cold_start_size", "rationalise_rate")
+
+
+def _warn_ignored(given: dict, cfg: RunConfig):
+    """Warnings before any work: RecZero on the demo's random weights, and flags given that this run
+    will not read."""
+    def named(names) -> str:
+        return ", ".join(f"--{n.replace('_', '-')}" for n in names if given[n] is not None)
+
+    if cfg.demo and cfg.mode == "reczero" and not cfg.resume:
+        print("warning: --mode reczero on the embedded demo starts GRPO from the demo's random weights, which "
+              "cannot write the four-tag format: every reward will be the format penalty and GRPO has no signal. "
+              "Use --mode recone (the default) or --model with an instruct checkpoint.", file=sys.stderr)
+    if cfg.mode == "reczero" and (flags := named(COLD_START_FLAGS)):
+        print(f"warning: --mode reczero has no cold start: {flags} ignored", file=sys.stderr)
+    elif cfg.mode == "recone" and cfg.sft_traces and (flags := named(TEACHER_FLAGS)):
+        print(f"warning: --sft-traces gives the cold-start traces, so no teacher is asked: {flags} ignored",
+              file=sys.stderr)
+    if cfg.overwrite and (cfg.eval_only or cfg.dry_run):
+        print("warning: --overwrite ignored: --eval-only writes only into OUT/eval/ (each evaluation replaces it), "
+              "--dry-run writes nothing into --out", file=sys.stderr)
 
 
 def fail(msg: str):
-    """One clear line and exit code 2 for bad paths or flags."""
-    print(f"train.py: error: {msg}", file=sys.stderr)
+    """One clear line and exit code 2 for bad paths or flags (or a file that fails mid-run: written
+    above any progress bar)."""
+    tqdm.write(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+MIN_TEMPERATURE = 0.01  # rollouts at lower temperatures are greedy in effect
 
 
 def check_args(cfg: RunConfig):
@@ -285,17 +395,36 @@ def check_args(cfg: RunConfig):
         fail("--data needs --data-format")
     if cfg.data_format and not cfg.data:
         fail("--data-format needs --data")
+    if not cfg.data and (flags := [f for f, on in (("--meta", cfg.meta), ("--skip-bad-rows", cfg.skip_bad_rows),
+                                                   ("--drop-duplicates", cfg.drop_duplicates)) if on]):
+        fail(f"{', '.join(flags)} without --data: the embedded synthetic data has no file to read them for")
+    if cfg.eval_only and not (cfg.model or cfg.resume):
+        fail("--eval-only scores --model or --resume: without either there is nothing trained to score")
+    if not cfg.out.strip():
+        fail("--out '': name the run's folder")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        fail(f"--out {cfg.out}: a file, not a folder")
     # a resumed run never asks the teacher again: its traces are in the checkpoint's run
-    if cfg.teacher != "heuristic" and not cfg.resume and not (Path(cfg.teacher) / "config.json").exists():
+    asks_teacher = cfg.mode == "recone" and not cfg.sft_traces and not cfg.resume
+    if asks_teacher and cfg.teacher != "heuristic" and not (Path(cfg.teacher) / "config.json").exists():
         fail(f"--teacher {cfg.teacher}: not 'heuristic' or a checkpoint directory")
     for flag in ("model", "data", "meta", "sft_traces", "resume"):
         path = getattr(cfg, flag)
         if path and not Path(path).exists():
             fail(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if cfg.sft_traces and not Path(cfg.sft_traces).is_file():
+        fail(f"--sft-traces {cfg.sft_traces}: a directory; name a JSONL file of traces")
     if cfg.model and not (Path(cfg.model) / "config.json").exists():
         fail(f"--model {cfg.model}: not a checkpoint directory (no config.json)")
-    if cfg.prompts_per_step % max(int(os.environ.get("WORLD_SIZE", 1)), 1):
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        fail(f"WORLD_SIZE={world}: not a number of processes (torchrun sets it; unset it to run one process)")
+    if int(world) > 1 and not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        fail(f"WORLD_SIZE={world} but no RANK, MASTER_ADDR or MASTER_PORT: start the processes with torchrun "
+             f"--nproc-per-node {world} train.py ..., or unset WORLD_SIZE")
+    if cfg.prompts_per_step % int(world):
         fail("--prompts-per-step must be divisible by the number of ranks")
+    check_device(cfg.device)
     if cfg.fsdp and "WORLD_SIZE" not in os.environ:
         fail("--fsdp shards the model across the processes of a torchrun job: "
              "torchrun --nproc-per-node N train.py --fsdp ...")
@@ -305,12 +434,34 @@ def check_args(cfg: RunConfig):
             why = f" ({valid.why})" if valid.why else ""
             finite = "" if math.isfinite(value) else "a finite number "
             fail(f"--{f.name.replace('_', '-')} {value}: must be {finite}{valid}{why}")
+    if cfg.temperature < MIN_TEMPERATURE:
+        fail(f"--temperature {cfg.temperature:g}: below {MIN_TEMPERATURE:g} every completion of a group is the greedy "
+             "one (nothing for GRPO to compare) and logits / temperature overflow; evaluation is always greedy")
+    if cfg.threads > (os.cpu_count() or 1):
+        fail(f"--threads {cfg.threads}: this machine has {os.cpu_count()} CPUs; more threads only slow a run "
+             "(0: torch's default)")
     if cfg.lora_rank and cfg.demo:
         fail("--lora-rank needs --model: LoRA adapts a pretrained model, and the demo's starts from random weights")
     unknown = set(lora_targets(cfg)) - set(LORA_TARGETS)
     if cfg.lora_rank and unknown:
         fail(f"--lora-targets: no layer {', '.join(sorted(unknown))}; choose from {', '.join(LORA_TARGETS)}")
+    if cfg.lora_rank and not lora_targets(cfg):
+        fail(f"--lora-targets {cfg.lora_targets!r}: names no layer; choose from {', '.join(LORA_TARGETS)}")
     prompt_settings(cfg)  # the prompt flags too: a bad --history-fields or --system-prompt file
+
+
+def check_device(device: str):
+    """Refuse a --device this machine does not have (one line), before any work starts."""
+    kind, _, index = device.partition(":")
+    if device == "auto" or (kind == "cpu" and not index):
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        fail(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if index and int(index) >= torch.cuda.device_count():
+        fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+             f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def prompt_settings(cfg: RunConfig, scale: tuple[float, float] = RATING_SCALE) -> tuple[PromptCaps, str]:
@@ -325,6 +476,13 @@ def prompt_settings(cfg: RunConfig, scale: tuple[float, float] = RATING_SCALE) -
             fail(f"--history-fields: no field {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     if cfg.system_prompt in ("full", "short"):
         return caps, full_system_prompt(scale) if cfg.system_prompt == "full" else SHORT_SYSTEM_PROMPT
-    if not Path(cfg.system_prompt).exists():
+    path = Path(cfg.system_prompt)
+    if not path.is_file():
         fail(f"--system-prompt {cfg.system_prompt}: not 'full', 'short' or a file")
-    return caps, Path(cfg.system_prompt).read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--system-prompt {cfg.system_prompt}: not a readable UTF-8 text file ({e})")
+    if "\x00" in text or not text.strip():
+        fail(f"--system-prompt {cfg.system_prompt}: {'a binary file' if text.strip() else 'empty'}, not a prompt")
+    return caps, text

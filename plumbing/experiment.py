@@ -20,6 +20,7 @@ from plumbing.cli import RunConfig, fail, lora_targets
 from plumbing.memory import MemoryPlan, plan_memory, prompt_length, teacher_bytes
 from plumbing.parallel import Distributed
 from plumbing.readers import load_ratings
+from plumbing.report import EVAL_BATCH
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
 from plumbing.tokenizer import Tokenizer, train_bpe
@@ -124,8 +125,10 @@ def cold_start_traces(cfg: RunConfig, task: TaskData, prompter: Prompter, dtype,
     if cfg.sft_traces:
         try:
             traces = load_traces(cfg.sft_traces, task.train)
-        except ValueError as e:
-            fail(str(e))
+        except (OSError, ValueError) as e:
+            fail(f"--sft-traces: {e}")
+        if not traces:
+            fail(f"--sft-traces {cfg.sft_traces}: no traces in it")
         log({"stage": "cold_start", "traces": len(traces)})
         return traces
     if cfg.teacher == "heuristic":
@@ -174,4 +177,4 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
                        rows=cfg.prompts_per_step // world * cfg.samples, prompt_tokens=prompt_tokens,
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
                        grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1,
-                       teacher=teacher)
+                       teacher=teacher, eval_rows=min(EVAL_BATCH, -(-len(task.test) // world)))

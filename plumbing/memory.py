@@ -20,6 +20,8 @@ In one process, fp32 weights with bf16 compute also hold autocast's bf16 copy of
 
 RecOne with a --teacher model holds that model (compute dtype) and its KV cache next to the weights
 during the cold start; it is freed before training, so the peak is the larger of the two phases.
+Greedy evaluation holds the weights and the KV cache of its batch (up to 64 examples at a time):
+what --eval-only needs (`fits(plan, capacity, evaluation=True)`).
 
 Not counted: the allocator's fragmentation and workspace (often 5-15% on CUDA), CUDA context
 (~0.5 GB), temporaries inside single operations. The plan is a floor, not a promise.
@@ -56,6 +58,7 @@ class MemoryPlan:
     gathered_update: int = 0  # FSDP: the units gathered at once in the update (two blocks and the root)
     teacher: int = 0  # RecOne's --teacher model and its KV cache, held with the weights during the cold start
     autocast_copies: int = 0  # bf16 copies autocast keeps of fp32 weights between optimizer steps
+    eval_kv_cache: int = 0  # the KV cache of one batch of greedy evaluation (report.evaluate)
 
     @property
     def total(self) -> int:
@@ -65,9 +68,15 @@ class MemoryPlan:
                           self.activations + self.largest_activation + self.gathered_update))
         return max(training, self.weights + self.teacher)  # the teacher is freed before training starts
 
+    @property
+    def evaluation(self) -> int:
+        """What scoring alone holds (--eval-only): the weights and one evaluation batch's KV cache."""
+        return self.weights + self.eval_kv_cache
+
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("AdamW moments", self.optimizer),
                 ("reference model (--beta > 0)", self.reference), ("KV cache while sampling", self.kv_cache),
+                ("KV cache while evaluating (up to 64 examples at once)", self.eval_kv_cache),
                 ("activations of one micro-batch", self.activations),
                 ("largest single activation (output-head chunk)", self.largest_activation)]
         if self.autocast_copies:
@@ -89,13 +98,14 @@ def _size(n: int) -> str:
 def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, lora_rank: int = 0,
                 lora_targets=lora.TARGETS, beta: float = 0.0, rows: int, prompt_tokens: int, new_tokens: int,
                 micro_batch: int, grad_checkpointing: bool = False, shards: int = 1,
-                teacher: int = 0) -> MemoryPlan:
+                teacher: int = 0, eval_rows: int = 0) -> MemoryPlan:
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
     micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
     shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
     evenly; sampling holds a whole copy of the weights in the compute dtype, the update two blocks,
     the root unit (embedding, final norm, head) and the root's gradient, gathered. teacher: the
-    teacher_bytes() of a --teacher model this run's cold start loads, else 0."""
+    teacher_bytes() of a --teacher model this run's cold start loads, else 0. eval_rows: examples
+    decoded at once by the greedy evaluation."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -109,6 +119,7 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
     c = config
     kv_width = c.num_kv_heads * c.head_dim
     kv_cache = 2 * c.num_layers * kv_width * rows * (prompt_tokens + new_tokens) * compute_bytes
+    eval_kv_cache = 2 * c.num_layers * kv_width * eval_rows * (prompt_tokens + new_tokens) * compute_bytes
     tokens = micro_batch * (prompt_tokens + new_tokens)  # at most: a group's prompt is in fact run once
     per_layer = 4 * c.hidden_size + 4 * c.intermediate_size + 4 * c.num_heads * c.head_dim + 2 * kv_width
     outside = 2 * c.hidden_size + 2 * c.head_dim  # the embedding's output and final norm; RoPE's cos and sin
@@ -123,7 +134,7 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         parameters=n_all, trainable=n_train, weights=_split(weights, shards),
         gradients=_split(n_train * train_bytes, shards), optimizer=_split(2 * n_train * train_bytes, shards),
         reference=_split(n_all * compute_bytes, shards) if beta > 0 else 0,
-        kv_cache=kv_cache, activations=floats * compute_bytes,
+        kv_cache=kv_cache, eval_kv_cache=eval_kv_cache, activations=floats * compute_bytes,
         largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4,
         # FSDP gathers weights in the compute dtype
         gathered_sampling=n_all * compute_bytes if shards > 1 else 0,
@@ -156,8 +167,14 @@ def device_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def fits(plan: MemoryPlan, capacity: int) -> str | None:
-    """None when the plan fits `capacity` bytes, else a message saying which flags shrink it."""
+def fits(plan: MemoryPlan, capacity: int, evaluation: bool = False) -> str | None:
+    """None when the plan fits `capacity` bytes, else a message saying which flags shrink it.
+    evaluation: only scoring (--eval-only), which holds the weights and the evaluation's KV cache."""
+    if evaluation:
+        if plan.evaluation <= capacity:
+            return None
+        return (f"scoring needs about {plan.evaluation / GiB:.1f} GiB (weights and the KV cache of the evaluation "
+                f"batch) and the device has {capacity / GiB:.1f} GiB: lower --max-new-tokens")
     if plan.total <= capacity:
         return None
     biggest = max([("weights", plan.weights), ("gradients", plan.gradients), ("AdamW moments", plan.optimizer),

@@ -7,9 +7,9 @@ prediction rather than dropping it or, as the released code did, counting it as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,11 +21,15 @@ from data import RATING_SCALE
 from grpo import RolloutBatch
 from model import SamplingConfig, generate
 from plumbing.parallel import Distributed, gathered
+from plumbing.runs import WriteError, written_file
 from reczero import Interval, RatingMetrics, Reward, paired_bootstrap, parse_output, rating_metrics
 
 
+EVAL_BATCH = 64  # examples decoded at once by evaluate (the memory plan counts their KV cache)
+
+
 @torch.no_grad()
-def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = 64, desc="eval",
+def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = EVAL_BATCH, desc="eval",
              fidelity=None, scale: tuple[float, float] = RATING_SCALE,
              dist: Distributed | None = None, save_to: Path | None = None) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
@@ -63,10 +67,8 @@ def write_predictions(path: Path, examples, preds: list[float | None], fallbacks
                       texts: list[str] | None = None) -> None:
     """One JSON line per example, {user_id, item_id, time, label, rating, scored[, text]}: rating is
     what the output parsed to (null when unparsable), scored what the metrics used (rating, else the
-    fallback). Written to a temporary file and renamed, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    fallback). Written whole or not at all (runs.written_file), so a reader never sees half a file."""
+    with written_file(path) as f:
         for k, (e, p, fb) in enumerate(zip(examples, preds, fallbacks)):
             ok = p is not None and math.isfinite(p)
             row = {"user_id": e.target.user_id, "item_id": e.target.item_id, "time": e.target.time,
@@ -74,7 +76,6 @@ def write_predictions(path: Path, examples, preds: list[float | None], fallbacks
             if texts is not None:
                 row["text"] = texts[k]
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def read_predictions(path) -> dict[tuple, dict]:
@@ -139,30 +140,55 @@ def rollout_metrics(rewards: list[Reward], truths: list[float], batch: RolloutBa
 class RunLog:
     """metrics.jsonl (one JSON object per line, flushed at once) and samples.txt, rank 0 only.
 
-    Resuming at step k keeps the records up to step k and drops any written after the checkpoint, the
-    baselines (the resumed run logs them again) and a partial line left by a killed run."""
+    Resuming at GRPO step k keeps the records up to step k and drops any written after the
+    checkpoint, the baselines (the resumed run logs them again) and a partial line left by a killed
+    run. Resuming in the cold-start SFT at batch b (`resume_sft_batch`) keeps only the cold start's
+    record and the SFT epochs that ended by batch b: everything after them is done again. The kept
+    records are rewritten whole (runs.written_file), so a failed write loses none of them; a record
+    that cannot be written (a full disk) is a WriteError naming the file."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None, resume_sft_batch: int | None = None):
         self.enabled = enabled
         if enabled:
-            out.mkdir(parents=True, exist_ok=True)
+            self.path, self.samples_path = out / "metrics.jsonl", out / "samples.txt"
             kept = []
-            if resume_step is not None and (out / "metrics.jsonl").exists():
-                for line in open(out / "metrics.jsonl"):
+            if resume_step is not None and self.path.exists():
+                for line in open(self.path, encoding="utf-8", errors="replace"):
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:  # cut off by a kill mid-write
                         continue
-                    if record.get("step", 0) <= resume_step and record.get("stage") != "baseline":
+                    if resume_sft_batch is not None:  # resumed in the cold start: GRPO has not started
+                        keep = record.get("stage") == "cold_start" or (
+                            record.get("stage") == "sft" and record.get("batch", 0) <= resume_sft_batch)
+                    else:
+                        keep = record.get("step", 0) <= resume_step and record.get("stage") != "baseline"
+                    if keep:
                         kept.append(line if line.endswith("\n") else line + "\n")
-            self.metrics = open(out / "metrics.jsonl", "w")
-            self.metrics.writelines(kept)
-            self.samples = open(out / "samples.txt", "a" if resume_step is not None else "w")
+            with written_file(self.path) as f:
+                f.writelines(kept)
+            self.metrics = self._open(self.path, "a")
+            self.samples, self.samples_mode = None, "a" if resume_step is not None else "w"  # opened when used
+
+    @staticmethod
+    def _open(path: Path, mode: str):
+        try:
+            return open(path, mode, encoding="utf-8")
+        except OSError as e:
+            raise WriteError(f"{path}: could not be opened for writing: {e.strerror}") from None
+
+    def _write(self, f, path: Path, text: str):
+        try:
+            f.write(text)
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.close()  # drops what could not be written, so exiting does not try it again
+            raise WriteError(f"{path}: could not be written: {e.strerror or e}") from None
 
     def __call__(self, record: dict):
         if self.enabled:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            self._write(self.metrics, self.path, json.dumps(record) + "\n")
 
     def sample(self, step: int, examples, texts: list[str], rewards: list[Reward], prompt_index: list[int],
                k: int = 2):
@@ -171,11 +197,11 @@ class RunLog:
             first = {}
             for row, p in enumerate(prompt_index):
                 first.setdefault(p, row)
-            for p in sorted(first)[:k]:
-                row = first[p]
-                self.samples.write(f"=== step {step} | truth {examples[p].label:g} | reward {rewards[row].total:.3f}\n"
-                                   f"{texts[row]}\n")
-            self.samples.flush()
+            if self.samples is None:
+                self.samples = self._open(self.samples_path, self.samples_mode)
+            text = "".join(f"=== step {step} | truth {examples[p].label:g} | reward {rewards[first[p]].total:.3f}\n"
+                           f"{texts[first[p]]}\n" for p in sorted(first)[:k])
+            self._write(self.samples, self.samples_path, text)
 
 
 FIDELITY_FIELDS = ("category", "taste", "reception", "rating", "consistent")
@@ -250,4 +276,6 @@ def plot(out: Path):
     ax[2].set(title="spread and zero-std share", xlabel="GRPO step")
     ax[2].legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    with written_file(out / "curves.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

@@ -12,7 +12,6 @@ teacher through ModelTeacher, and any file of traces can be read with load_trace
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from data import RATING_SCALE, Example
 from model import SamplingConfig, generate
+from plumbing.runs import written_file
 from reczero import (
     ITEM_CLOSE,
     ITEM_OPEN,
@@ -277,25 +277,27 @@ def build_cold_start(teacher, examples: list[Example], scale: tuple[float, float
 
 
 def save_traces(traces: list[Trace], path: Path) -> None:
-    """Write traces as the JSONL lines load_traces (and --sft-traces) reads, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write traces as the JSONL lines load_traces (and --sft-traces) reads, whole or not at all
+    (runs.written_file: a failed write is a WriteError naming the file)."""
+    with written_file(path) as f:
         for t in traces:
             r = t.example.target
             f.write(json.dumps({"user_id": r.user_id, "item_id": r.item_id, "time": r.time, "text": t.text}) + "\n")
-    os.replace(tmp, path)
 
 
 def load_traces(path, train: list[Example]) -> list[Trace]:
-    """Cold-start traces from JSONL lines {user_id, item_id, time, text}, matched to training examples."""
+    """Cold-start traces from JSONL lines {user_id, item_id, time, text}, matched to training examples.
+    A line that is not such a trace (or whose text is not a string) is a ValueError naming it."""
     index = {e.target.key: e for e in train}
     traces = []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        try:
-            row = json.loads(line)
-            key = (str(row["user_id"]), str(row["item_id"]), int(row["time"]))
-            traces.append(Trace(index[key], row["text"], False))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} line {n}: not a trace of a training example ({type(e).__name__}: {e})") from None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                key = (str(row["user_id"]), str(row["item_id"]), int(row["time"]))
+                if not isinstance(row["text"], str):
+                    raise TypeError(f"text is {type(row['text']).__name__}, not a string")
+                traces.append(Trace(index[key], row["text"], False))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path} line {n}: not a trace of a training example ({type(e).__name__}: {e})") from None
     return traces

@@ -19,6 +19,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from model import CheckpointError
+from plumbing.runs import written_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "special_tokens_map.json")
@@ -36,7 +37,10 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").exists():
             raise CheckpointError(f"{path / 'tokenizer.json'}: file not found")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception for a cut or malformed file
+            raise CheckpointError(f"{path / 'tokenizer.json'}: unreadable ({e})") from None
         cfg = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
         template = cfg.get("chat_template") or ""
@@ -132,13 +136,15 @@ def train_bpe(texts, out_dir, vocab_size: int = 2048) -> Tokenizer:
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "chat_template": CHATML_TEMPLATE, "model_max_length": 4096,
-        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id("<|im_end|>"),
-                                                            "pad_token_id": tok.token_to_id("<|endoftext|>")}))
-    return Tokenizer(out)
+    with written_dir(out_dir) as tmp:  # whole or not at all: a run's later checkpoints depend on it
+        try:
+            tok.save(str(tmp / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception for a failed write (a full disk)
+            raise OSError(str(e)) from None
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "unk_token": None, "chat_template": CHATML_TEMPLATE, "model_max_length": 4096,
+            "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id("<|im_end|>"),
+                                                                "pad_token_id": tok.token_to_id("<|endoftext|>")}))
+    return Tokenizer(out_dir)

@@ -160,3 +160,132 @@ def test_fsdp_is_how_a_run_is_launched_not_a_flag_a_resume_inherits(tmp_path):
     cfg = parse_args(["--resume", str(tmp_path)])
     assert cfg.fsdp is False and cfg.lr == 5e-5  # the other flags are still the checkpoint's
     assert parse_args(["--resume", str(tmp_path), "--fsdp"]).fsdp is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, {2**64 - 1}]"),
+    (["--threads", "100000"], "--threads 100000: this machine has"),
+    (["--clip-high", "1e39", "--mu", "2"], "--clip-high 1e+39: must be in [0, 100]"),
+    (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "--device cuda:x: choose auto, cpu, cuda or cuda:N"),
+    (["--temperature", "1e-300"], "--temperature 1e-300: below 0.01 every completion of a group is the greedy one"),
+    (["--lora-targets", ",", "--lora-rank", "4", "--model", "{model}"], "--lora-targets ',': names no layer"),
+    (["--meta", "."], "--meta without --data"),
+    (["--skip-bad-rows", "--drop-duplicates"], "--skip-bad-rows, --drop-duplicates without --data"),
+    (["--eval-only"], "--eval-only scores --model or --resume"),
+    (["--out", ""], "--out '': name the run's folder"),
+    (["--out", __file__], f"--out {__file__}: a file, not a folder"),
+    (["--sft-traces", "."], "--sft-traces .: a directory"),
+    (["--system-prompt", "."], "--system-prompt .: not 'full', 'short' or a file"),
+])
+def test_cases_that_were_tracebacks_stop_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    """Flags accepted by the checks that then failed with a traceback (or ran something else than
+    asked): one line, exit code 2, before any work."""
+    from plumbing.cli import check_args, parse_args
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    (tmp_path / "config.json").write_text("{}")  # what --model needs to pass the path checks
+    with pytest.raises(SystemExit) as stop:
+        check_args(parse_args([a.replace("{model}", str(tmp_path)) for a in args]))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys, monkeypatch):
+    """--device cuda without CUDA used to fail deep inside torch, even with --dry-run."""
+    from plumbing.cli import check_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        check_device("cuda")
+    assert stop.value.code == 2 and "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world, message", [
+    ("abc", "WORLD_SIZE=abc: not a number of processes"),
+    ("2", "WORLD_SIZE=2 but no RANK, MASTER_ADDR or MASTER_PORT: start the processes with torchrun"),
+])
+def test_world_size_without_torchrun_is_refused(world, message, capsys, monkeypatch):
+    from plumbing.cli import check_args, parse_args
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit) as stop:
+        check_args(parse_args([]))
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_system_prompt_file_must_be_text(tmp_path, capsys):
+    """A binary or empty --system-prompt file is refused (a directory too, above)."""
+    from plumbing.cli import parse_args, prompt_settings
+
+    for content, word in ((b"\x00\x01\x02binary", "a binary file"), (b"\xff\xfe\x00", "not a readable UTF-8"),
+                          (b"  \n", "empty")):
+        (tmp_path / "p.txt").write_bytes(content)
+        with pytest.raises(SystemExit):
+            prompt_settings(parse_args(["--system-prompt", str(tmp_path / "p.txt")]))
+        assert word in capsys.readouterr().err
+
+
+def test_sft_traces_that_are_no_traces_are_refused(tmp_path, capsys):
+    """An empty --sft-traces file (SFT then raised a ValueError) and a trace whose text is a number (a
+    TypeError in the tokenizer) are one line each."""
+    from data import Example, Item, Rating
+    from plumbing.cli import parse_args
+    from plumbing.experiment import TaskData, cold_start_traces
+
+    task = TaskData([Example(Rating("u", "i", 4.0, 1), Item("i"), [], [], 3.0, 3.0)], [], [], {}, {}, (1.0, 5.0))
+    for content, message in (("", "no traces in it"), ('{"user_id": "u", "item_id": "i", "time": 1, "text": 4}\n',
+                                                       "line 1: not a trace of a training example (TypeError: text is int")):
+        (tmp_path / "t.jsonl").write_text(content)
+        with pytest.raises(SystemExit) as stop:
+            cold_start_traces(parse_args(["--sft-traces", str(tmp_path / "t.jsonl")]), task, None, None, None,
+                              lambda record: None)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flags_a_mode_ignores_are_named(capsys):
+    """--mode reczero has no cold start, and --sft-traces asks no teacher: the flags given for them are
+    named in one warning instead of being dropped silently."""
+    from plumbing.cli import parse_args
+
+    parse_args(["--mode", "reczero", "--teacher", "x", "--cold-start-size", "5", "--sft-epochs", "3"])
+    assert "warning: --mode reczero has no cold start: --teacher, --cold-start-size, --sft-epochs ignored" in \
+        capsys.readouterr().err
+    parse_args(["--sft-traces", "t.jsonl", "--teacher", "x"])
+    assert "warning: --sft-traces gives the cold-start traces, so no teacher is asked: --teacher ignored" in \
+        capsys.readouterr().err
+    parse_args(["--sft-epochs", "3"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_eval_only_of_a_training_checkpoint_uses_the_prompt_it_was_trained_with(tmp_path, capsys):
+    """--eval-only --model RUN/checkpoint used to score a demo-trained model with the paper's prompt (full
+    system prompt, 10/10 history, no shared marks, 1024 tokens); flags given explicitly still win."""
+    from plumbing.cli import parse_args
+
+    demo = {"system_prompt": "short", "max_user_history": 6, "max_item_history": 6, "history_fields": "Categories",
+            "item_texts": "off", "mark_shared": "on", "max_new_tokens": 20, "lr": 0.5}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "param_groups": [], "args": demo}))
+    cfg = parse_args(["--eval-only", "--model", str(tmp_path), "--max-user-history", "8"])
+    assert (cfg.system_prompt, cfg.max_user_history, cfg.max_item_history, cfg.history_fields, cfg.item_texts,
+            cfg.mark_shared, cfg.max_new_tokens) == ("short", 8, 6, "Categories", "off", "on", 20)
+    assert cfg.lr == 2e-6  # only the prompt's flags are taken
+    assert "--system-prompt short" in capsys.readouterr().out
+    assert parse_args(["--model", str(tmp_path)]).max_new_tokens == 1024  # training from it: the flags' defaults
+
+
+def test_resume_overrides_that_cannot_work_are_refused(tmp_path, capsys):
+    """--resume-override lora_rank --lora-rank 0 (AdamW's moments have the adapters' shapes) and
+    --resume-override mode --mode reczero of a checkpoint written in the cold-start SFT (a TypeError)."""
+    from plumbing.cli import parse_args
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps(
+        {"step": 0, "sft_step": 3, "param_groups": [], "args": {"lora_rank": 4, "model": "m", "mode": "recone"}}))
+    for args, message in ((["--lora-rank", "0", "--resume-override", "lora_rank"], "--lora-rank cannot change"),
+                          (["--mode", "reczero", "--resume-override", "mode"], "can only finish it (--mode recone)")):
+        with pytest.raises(SystemExit):
+            parse_args(["--resume", str(tmp_path), *args])
+        assert message in capsys.readouterr().err

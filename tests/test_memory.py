@@ -93,6 +93,21 @@ def test_kv_cache_by_hand():
     assert "--lora-rank 16" in fits(plan, plan.total - 1)
 
 
+def test_evaluation_has_its_own_plan():
+    """--eval-only was not checked at all (a training step's plan does not apply to scoring), so
+    --max-new-tokens 1000000000 went on to an allocation failure: scoring holds the weights and one
+    evaluation batch's KV cache, and a plan that cannot fit that is refused naming --max-new-tokens."""
+    cfg = ModelConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    plan = plan_memory(cfg, weight_bytes=4, compute_bytes=2, rows=8, prompt_tokens=30, new_tokens=10, micro_batch=2,
+                       eval_rows=64)
+    assert plan.eval_kv_cache == 2 * 2 * 2 * 16 * 64 * 40 * 2 and plan.evaluation == plan.weights + plan.eval_kv_cache
+    assert fits(plan, plan.evaluation, evaluation=True) is None
+    huge = plan_memory(cfg, weight_bytes=4, compute_bytes=2, rows=8, prompt_tokens=30, new_tokens=10**9, micro_batch=2,
+                       eval_rows=64)
+    assert "lower --max-new-tokens" in fits(huge, 128 * 1024**3, evaluation=True)
+
+
 def test_teacher_by_hand_and_only_during_the_cold_start():
     """A --teacher: its weights in the compute dtype plus its KV cache, held next to the policy's weights
     only: the peak is the larger of the cold start and training."""

@@ -250,6 +250,11 @@ BAD_CHECKPOINTS = {
     "string size": (lambda p: _edit_config(p, hidden_size="32"), ["'hidden_size' must be a positive integer, not '32'"]),
     "heads vs kv heads": (lambda p: _edit_config(p, num_key_value_heads=3), ["not a multiple of num_key_value_heads 3"]),
     "negative eps": (lambda p: _edit_config(p, rms_norm_eps=-1), ["'rms_norm_eps' must be a positive number"]),
+    # weights that load but cannot be right: a diverged run's, a quantised checkpoint's
+    "nan weights": (lambda p: _edit_tensors(p, add={"model.norm.weight": torch.full((32,), math.nan)}),
+                    ["model.safetensors: tensor model.norm.weight holds NaN or infinite values"]),
+    "int8 weights": (lambda p: _edit_tensors(p, add={"model.norm.weight": torch.ones(32, dtype=torch.int8)}),
+                     ["model.safetensors: tensor model.norm.weight is torch.int8, not floating point"]),
 }
 
 
@@ -288,6 +293,82 @@ def test_truncated_optimizer_state_raises_checkpoint_error(tmp_path):
         load_optimizer(tmp_path / "ckpt", torch.optim.AdamW(model.parameters()))
     message = str(err.value)
     assert message.startswith(f"{file}: incomplete or corrupt safetensors file") and "\n" not in message
+
+
+def _adamw_checkpoint(path: Path):
+    """A tiny model and a training checkpoint of it after one AdamW step; returns the model."""
+    model = tiny_model(std=None)
+    opt = torch.optim.AdamW(model.parameters())
+    model.logits(model(torch.tensor([PROMPTS[2]]))).sum().backward()
+    opt.step()
+    save_checkpoint(path, model, None, opt, TrainerState(), {})
+    return model
+
+
+def _edit_moments(path: Path, edit):
+    from safetensors.torch import load_file, save_file
+    f = path / "optimizer.safetensors"
+    state = load_file(f)
+    edit(state)
+    save_file(state, f)
+
+
+BAD_MOMENTS = {  # AdamW used to restart from zero moments (or fail at its first step) without a word
+    "wrong shape": (lambda s: s.update({"0.exp_avg": torch.zeros(3, 3)}), "0.exp_avg has shape (3, 3), but parameter 0"),
+    "missing": (lambda s: s.pop("1.exp_avg_sq"), "no AdamW state for 1 of the"),
+    "empty": (lambda s: s.clear(), "no AdamW state for"),
+    "nan": (lambda s: s["0.exp_avg"].fill_(math.nan), "0.exp_avg holds NaN or infinite values"),
+    "stranger": (lambda s: s.update({"999.exp_avg": torch.zeros(1)}), "999.exp_avg is not an AdamW state"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MOMENTS))
+def test_adamw_moments_that_do_not_fit_are_refused(case, tmp_path):
+    """Moments of the wrong shape, missing, an optimizer file without tensors, non-finite, or of a
+    parameter this model lacks: one CheckpointError naming optimizer.safetensors."""
+    model = _adamw_checkpoint(tmp_path / "ckpt")
+    _edit_moments(tmp_path / "ckpt", BAD_MOMENTS[case][0])
+    with pytest.raises(CheckpointError) as err:
+        load_optimizer(tmp_path / "ckpt", torch.optim.AdamW(model.parameters()))
+    assert str(err.value).startswith(f"{tmp_path / 'ckpt' / 'optimizer.safetensors'}: ")
+    assert BAD_MOMENTS[case][1] in str(err.value) and "\n" not in str(err.value)
+
+
+BAD_STATES = {  # trainer_state.json edited or damaged: (field, value, what the message says it must be)
+    "step abc": ("step", "abc", "field 'step' is \"abc\", not a whole number >= 0"),
+    "step -3": ("step", -3, "field 'step' is -3, not a whole number >= 0"),
+    "step 1.5": ("step", 1.5, "field 'step' is 1.5, not a whole number >= 0"),
+    "args list": ("args", [], "field 'args' is [], not an object of flags"),
+    "best incomplete": ("best", {"step": 2}, "field 'best' is {\"step\": 2}, not null or {step, mae, path}"),
+    "sft_step": ("sft_step", "2", "field 'sft_step' is \"2\", not a whole number >= 0 or null"),
+    "lr fast": ("args", {"lr": "fast"}, "field 'args.lr' is \"fast\", not float"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_a_damaged_trainer_state_is_one_line_naming_file_and_field(case, tmp_path, capsys):
+    """A step "abc", -3 or 1.5, args as a list, an incomplete best, a flag of the wrong type: --resume
+    stops with one line naming trainer_state.json and the field (they used to be tracebacks)."""
+    from plumbing.cli import parse_args
+
+    _adamw_checkpoint(tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / "trainer_state.json"
+    field, value, message = BAD_STATES[case]
+    f.write_text(json.dumps({**json.loads(f.read_text()), field: value}))
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--resume", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == f"train.py: error: {f}: {message}\n"
+
+
+def test_a_cut_tokenizer_file_is_one_line(tmp_path):
+    """A truncated tokenizer.json (an interrupted download) used to be the tokenizers library's traceback."""
+    from plumbing.tokenizer import Tokenizer, train_bpe
+
+    train_bpe(["the user likes drama"] * 20, tmp_path / "tok", vocab_size=300)
+    _truncate(tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'tok' / 'tokenizer.json'}: unreadable"):
+        Tokenizer(tmp_path / "tok")
 
 
 def test_bf16_round_trip_keeps_dtype_and_values(tmp_path):

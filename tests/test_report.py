@@ -96,3 +96,19 @@ def test_resumed_log_survives_a_partial_line_and_keeps_one_copy_of_the_baselines
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r.get("step") for r in records] == [1, 2, None]
     assert sum(r["stage"] == "baseline" for r in records) == 1
+
+
+def test_resuming_in_the_cold_start_drops_what_came_after_it(tmp_path):
+    """A run killed after its cold start (the last checkpoint: the end of SFT, batch 12) is resumed from
+    there: the records of the cold start's scoring and of GRPO are written again by the resumed run, so
+    the log keeps only the teacher's record and the SFT epochs (they used to appear twice)."""
+    lines = [{"stage": "baseline", "name": "MF", "mae": 0.7}, {"stage": "cold_start", "traces": 24},
+             {"stage": "sft", "epoch": 1, "batch": 6, "loss": 2.0}, {"stage": "sft", "epoch": 2, "batch": 12, "loss": 1.0},
+             {"stage": "test_start", "step": 0, "mae": 0.9}, {"stage": "eval", "step": 0, "mae": 0.8},
+             {"stage": "grpo", "step": 1, "loss": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    RunLog(tmp_path, enabled=True, resume_step=0, resume_sft_batch=12)
+    kept = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert kept == lines[1:4]
+    RunLog(tmp_path, enabled=True, resume_step=0, resume_sft_batch=8)  # killed in the second epoch
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == lines[1:3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,20 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         varied_rewards(mp)
         train.main(TINY + ["--out", str(out), "--steps", "4", "--save-every", "2"])
+    return out
+
+
+SFT_ARGS = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "2"]  # 18 SFT batches, then 2 GRPO steps
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """One uninterrupted run with a longer cold start (SFT_ARGS, varied_rewards), shared by the tests
+    that stop or kill the cold start and resume it."""
+    out = tmp_path_factory.mktemp("run") / "whole"
+    with pytest.MonkeyPatch.context() as mp:
+        varied_rewards(mp)
+        train.main(SFT_ARGS + ["--out", str(out)])
     return out
 
 
@@ -196,7 +211,7 @@ def test_resume_on_other_data_is_refused(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically(sig, tmp_path, monkeypatch,
+def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically(sig, sft_run, tmp_path, monkeypatch,
                                                                                    capsys):
     """SIGTERM (what schedulers send) or Ctrl-C in the middle of the cold-start SFT: the batch finishes,
     a checkpoint with the SFT's progress and AdamW state is written, exit code 130; --resume finishes
@@ -207,8 +222,7 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
     from safetensors.torch import load_file
 
     varied_rewards(monkeypatch)
-    args = TINY + ["--sft-epochs", "3", "--sft-batch", "4", "--steps", "2"]
-    train.main(args + ["--out", str(tmp_path / "whole")])
+    args = SFT_ARGS
     real, calls = grpo.token_logprobs, []
 
     def signalled(*a, **k):
@@ -226,15 +240,15 @@ def test_a_signal_during_the_cold_start_saves_and_resume_finishes_it_identically
     assert (state["step"], state["sft_step"]) == (0, 2) and not (out / "cold_start").exists()
     monkeypatch.setattr(grpo, "token_logprobs", real)
     train.main(["--resume", str(out / "checkpoint")])
-    whole, resumed = (load_file(str(d / "cold_start" / "model.safetensors")) for d in (tmp_path / "whole", out))
+    whole, resumed = (load_file(str(d / "cold_start" / "model.safetensors")) for d in (sft_run, out))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert [r["mae"] for r in metrics(out, "test").values()] == \
-        [r["mae"] for r in metrics(tmp_path / "whole", "test").values()]
+        [r["mae"] for r in metrics(sft_run, "test").values()]
     # and GRPO after the resumed SFT starts from fresh AdamW moments, as in the uninterrupted run: step 2
     # shows the first update
     assert metrics(out)[2]["grad_norm"] > 0
     for key in ("loss", "grad_norm", "reward_mean"):
-        assert metrics(out)[2][key] == pytest.approx(metrics(tmp_path / "whole")[2][key], abs=1e-6), key
+        assert metrics(out)[2][key] == pytest.approx(metrics(sft_run)[2][key], abs=1e-6), key
 
 
 def test_sigterm_during_grpo_finishes_the_step_saves_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, capsys):
@@ -358,7 +372,8 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
                 "--out", str(tmp_path / "o")])
     assert seen == [0.25]
 
-    monkeypatch.setattr(train, "device_bytes", lambda device: 1024**2)  # far too small to train
+    # far too small to train (~290 MiB), enough to score (weights and the evaluation's KV cache, ~3 MiB)
+    monkeypatch.setattr(train, "device_bytes", lambda device: 4 * 1024**2)
     train.main(["--resume", str(tiny_run / "checkpoint"), "--eval-only", "--out", str(tmp_path / "e")])
     assert "| model" in capsys.readouterr().out
 
@@ -393,3 +408,97 @@ def test_an_sft_only_run_stopped_in_the_cold_start_resumes(tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         train.main(TINY + ["--sft-epochs", "2", "--sft-batch", "4", "--steps", "0", "--out", str(out)])
     assert parse_args(["--resume", str(out / "checkpoint")]).steps == 0
+
+
+def test_sigkill_during_the_cold_start_loses_at_most_sft_save_every_batches(sft_run, tmp_path, capsys):
+    """kill -9 in the cold-start SFT used to lose the whole cold start (it was saved only on a signal).
+    Now it is checkpointed every --sft-save-every batches: killed in batch 5 with checkpoints every 2,
+    --resume continues from batch 4 (taking over the killed run's lock) and the cold start equals the
+    uninterrupted run's bit for bit, with each SFT epoch logged once."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "killed"
+    script = ("import os, signal, sys, json; sys.path[:0] = sys.argv[2:]; import grpo, train\n"
+              "real, calls = grpo.token_logprobs, []\n"
+              "def killed(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 5:  # during SFT batch 5 (one micro-batch per batch)\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(*a, **k)\n"
+              "grpo.token_logprobs = killed\n"
+              "train.main(json.loads(sys.argv[1]))\n")
+    args = SFT_ARGS + ["--sft-save-every", "2", "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(args), str(root), str(root / "tests")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["step"], state["sft_step"]) == (0, 4) and not (out / "cold_start").exists()
+    train.main(["--resume", str(out / "checkpoint"), "--steps", "0"])
+    assert "held this folder and ended without releasing it (killed?); taking it over" in capsys.readouterr().err
+    whole, resumed = (load_file(str(d / "cold_start" / "model.safetensors")) for d in (sft_run, out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["epoch"] for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("stage") == "sft"] == [1, 2, 3]
+
+
+def test_a_diverging_cold_start_stops_without_saving_nan_weights(tmp_path, capsys):
+    """--sft-lr 1e308 used to save a NaN cold_start/ and exit 0 with a table: SFT checks its loss,
+    gradient and weights as GRPO does, and stops with exit code 3, naming --sft-lr."""
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as stop:
+        train.main(TINY + ["--sft-lr", "1e308", "--sft-batch", "4", "--steps", "1", "--out", str(out)])
+    assert stop.value.code == 3
+    err = capsys.readouterr().err
+    assert "cold-start SFT batch 1: the update made weights non-finite" in err
+    assert "--resume-override sft_lr --sft-lr" in err
+    assert not (out / "cold_start").exists() and not (out / "checkpoint").exists()
+
+
+def test_eval_only_beside_a_finished_run_leaves_the_run_alone(tiny_run, tmp_path, capsys):
+    """--eval-only --model RUN/checkpoint --out RUN used to truncate RUN/metrics.jsonl and samples.txt:
+    it writes into RUN/eval/ only (its own log, predictions and results), and Ctrl-C there stops at
+    once instead of promising a checkpoint."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "samples.txt", "results.md")}
+    train.main(["--eval-only", "--model", str(run / "checkpoint"), "--out", str(run), "--synthetic-users", "150",
+                "--eval-size", "6", "--threads", "1"])
+    assert all((run / name).read_bytes() == data for name, data in before.items())
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [".lock", "metrics.jsonl", "predictions", "results.md"]
+    assert (run / "eval" / "predictions" / "model.jsonl").exists() and "| model " in (run / "eval" / "results.md").read_text()
+    assert "--eval-only: the prompt" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):  # the handler --eval-only installs: no checkpoint to promise
+        train.GracefulStop(saves=False)(2, None)
+
+
+def test_one_run_per_folder(tiny_run, tmp_path, capsys):
+    """Two runs on one --out used to both exit 0 with the folder holding the second's records only. A run
+    holding the folder refuses a second (and a --resume of its checkpoint) naming its PID; a new run
+    refuses a finished run's folder, saying how to continue or replace it."""
+    from plumbing.cli import parse_args
+    from plumbing.runs import locked
+
+    def refused(args) -> str:
+        with pytest.raises(SystemExit) as stop:
+            train.main(args)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err
+
+    busy = tmp_path / "busy"
+    with locked(busy):
+        assert f"{busy} is in use: process {os.getpid()} is running in it" in refused(TINY + ["--out", str(busy)])
+        (busy / "checkpoint").mkdir()
+        with pytest.raises(SystemExit):
+            parse_args(["--resume", str(busy / "checkpoint")])
+        assert f"its run is still going (process {os.getpid()} holds {busy})" in capsys.readouterr().err
+    err = refused(TINY + ["--out", str(tiny_run)])
+    assert f"--out {tiny_run} holds another run (" in err and "cold_start/" in err and "metrics.jsonl" in err
+    assert f"continue it with --resume {tiny_run / 'checkpoint'}, replace it with --overwrite" in err
