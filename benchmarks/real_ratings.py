@@ -5,8 +5,8 @@
     python benchmarks/real_ratings.py ... -- --steps 80        # flags after -- go to every train.py call
 
 Per seed, two train.py runs in their own folders, one after the other:
-  OUT/seed-S/zero-shot  `--eval-only` on the checkpoint itself: the model before any training
-                        (RecZero's starting point), on the seed's test examples;
+  OUT/seed-S/zero-shot  `--eval-only` on the checkpoint itself (it writes into zero-shot/eval/): the
+                        model before any training (RecZero's starting point), on the seed's test examples;
   OUT/seed-S/run        RecOne: the heuristic teacher's traces, cold-start SFT, then GRPO; it also
                         scores the baselines and the cold start on the same test examples.
 A finished stage is not run again (its folder holds its predictions); a stage killed half-way
@@ -73,7 +73,7 @@ def run_seed(seed: int, out: Path, base: list[str], recipe: list[str]) -> dict:
     """The two stages of one seed (each skipped when done, resumed when killed); their wall clock."""
     seconds = {}
     zero = out / "zero-shot"
-    if not (zero / "predictions" / "model.jsonl").exists():
+    if not (zero / "eval" / "predictions" / "model.jsonl").exists():
         seconds["zero-shot"] = train([*base, "--seed", str(seed), "--eval-only", "--out", str(zero)],
                                      out / "zero-shot.log")
     run = out / "run"
@@ -94,7 +94,7 @@ def method_files(seed_dir: Path) -> dict[str, Path]:
     """Each method's predictions file in one seed's folders, by the name the tables use."""
     pred = seed_dir / "run" / "predictions"
     files = {name: pred / f"{stem}.jsonl" for name, stem in BASELINE_FILES.items()}
-    files.update({START: seed_dir / "zero-shot" / "predictions" / "model.jsonl",
+    files.update({START: seed_dir / "zero-shot" / "eval" / "predictions" / "model.jsonl",
                   COLD: pred / "test_start.jsonl", GRPO: pred / "test.jsonl"})
     return {name: f for name, f in files.items() if f.exists()}
 
