@@ -2,9 +2,10 @@
 
     python train.py --out runs/demo && python benchmarks/demo_traces.py runs/demo
 
-Both models (OUT/cold_start and OUT/checkpoint) decode the run's test set greedily, as the results
-table does. For each example the script reads the judgements each trace writes down (taste for the
-target's category, reception by other users) and its rating, then prints:
+It reads the greedy test-set outputs the run itself scored (OUT/predictions/test_start.jsonl for the
+cold start, test.jsonl after GRPO), so its MAEs are the results table's. For each example it reads
+the judgements each trace writes down (taste for the target's category, reception by other users)
+and its rating, then prints:
 
 1. how often the two traces agree before the <rate> tag (did RL rewrite the reasoning, or only the
    rating that follows it?), and each model's test MAE;
@@ -14,8 +15,7 @@ target's category, reception by other users) and its rating, then prints:
    of one taste now differ;
 3. a few examples where the rating moved, with both traces.
 
-The run's flags come from OUT/checkpoint/trainer_state.json, so the task (synthetic world, splits,
-test subset) is rebuilt exactly. Only runs with the heuristic teacher (the demo's) are understood.
+Only runs with the heuristic teacher (the demo's) are understood.
 """
 
 from __future__ import annotations
@@ -27,27 +27,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import SamplingConfig, generate  # noqa: E402
-from plumbing.checkpoints import load_model  # noqa: E402
-from plumbing.cli import RunConfig, prompt_settings  # noqa: E402
-from plumbing.experiment import load_task  # noqa: E402
+from plumbing.report import read_predictions  # noqa: E402
 from plumbing.teachers import RECEPTION, TASTE, read_judgement  # noqa: E402
-from plumbing.tokenizer import Tokenizer  # noqa: E402
-from reczero import Prompter, rating_metrics  # noqa: E402
-
-
-def decode(model, tok, prompter, examples, max_new_tokens: int, batch: int = 64) -> list[str]:
-    """Greedy completions, one string per example (the evaluation's decoding)."""
-    texts = []
-    for i in range(0, len(examples), batch):
-        gen = generate(model, [prompter(e) for e in examples[i:i + batch]],
-                       SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
-        texts += [tok.decode(c) for c in gen.completions()]
-    return texts
+from reczero import rating_metrics  # noqa: E402
 
 
 def reasoning(text: str) -> str:
@@ -64,18 +48,15 @@ def main(argv=None):
     p.add_argument("out", type=Path, help="the OUT directory of a finished demo run")
     p.add_argument("--examples", type=int, default=4, help="moved ratings to print")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
     saved = json.loads((args.out / "checkpoint" / "trainer_state.json").read_text())
-    cfg, step = RunConfig(**saved["args"]), saved["step"]
-    if cfg.mode != "recone" or cfg.teacher != "heuristic" or cfg.sft_traces:
+    args_, step = saved["args"], saved["step"]
+    if args_["mode"] != "recone" or args_["teacher"] != "heuristic" or args_["sft_traces"]:
         sys.exit(f"{args.out}: not a run with the heuristic teacher's cold start")
-    task = load_task(cfg)
-    tok = Tokenizer(args.out / "checkpoint")
-    prompter = Prompter(tok, *prompt_settings(cfg))
-    texts = {}
-    for name, path in (("cold start", args.out / "cold_start"), ("GRPO", args.out / "checkpoint")):
-        texts[name] = decode(load_model(path), tok, prompter, task.test, cfg.max_new_tokens)
-    truths = [e.label for e in task.test]
+    rows = {name: read_predictions(args.out / "predictions" / f"{stem}.jsonl")
+            for name, stem in (("cold start", "test_start"), ("GRPO", "test"))}
+    keys = sorted(rows["GRPO"])
+    texts = {name: [r[k]["text"] for k in keys] for name, r in rows.items()}
+    truths = [rows["GRPO"][k]["label"] for k in keys]
     judged = {name: [read_judgement(t) for t in ts] for name, ts in texts.items()}
 
     # 1. the reasoning kept, the rating moved?
@@ -84,9 +65,8 @@ def main(argv=None):
     moved = [i for i in range(n) if judged["cold start"][i].rating != judged["GRPO"][i].rating]
     print(f"{n} test examples, step {step}: reasoning before <rate> identical in {same} ({same / n:.0%}); "
           f"rating changed in {len(moved)} ({len(moved) / n:.0%})")
-    fallbacks = [task.fallback[e.target.key] for e in task.test]
-    for name, js in judged.items():  # scored as the results table scores them: the same task, rebuilt
-        m = rating_metrics([j.rating for j in js], truths, fallbacks)
+    for name, r in rows.items():  # scored as the results table scored them
+        m = rating_metrics([r[k]["rating"] for k in keys], truths, [r[k]["scored"] for k in keys])
         print(f"{name}: test MAE {m.mae:.3f}, format valid {m.valid_rate:.0%}, pred std {m.pred_std:.2f}")
 
     # 2. rating by written judgement (the GRPO model's words: the reasoning rarely changes)

@@ -84,7 +84,7 @@ def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
     import demo_seeds
 
     tiny = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
-            "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "1",
+            "--valid-size", "6", "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "1",
             "--steps", "2", "--threads", "1"]
     demo_seeds.main(["--seeds", "4", "--out", str(tmp_path), "--", *tiny])
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -152,7 +152,8 @@ def tiny_movielens(folder: Path, users: int = 40, items: int = 30, per_user: int
     folder.mkdir(parents=True)
     genres = rng.integers(0, 19, items)
     (folder / "u.item").write_text("".join(
-        f"{i + 1}|Movie {i + 1} (1995)|01-Jan-1995||http://x|" + "|".join("1" if g == genres[i] else "0" for g in range(19))
+        f"{i + 1}|Movie {i + 1} (1995)|01-Jan-1995||http://x|"
+        + "|".join("1" if g == genres[i] else "0" for g in range(19))
         + "\n" for i in range(items)), encoding="latin-1")
     rows, t = [], 880000000
     for u in range(users):
@@ -173,8 +174,9 @@ def tiny_checkpoint(folder: Path) -> Path:
 
     tok = train_bpe(["user_history: Movie 1 (1995), 4.0; Categories: Drama | Comedy target_item: rating",
                      *HeuristicTeacher().write([])] * 20, folder / "tok", vocab_size=400)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                                    num_heads=2, num_kv_heads=1, head_dim=16, eos_token_id=tok.turn_end_id))
+    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                    eos_token_id=tok.turn_end_id))
     save_model(model, folder / "model", folder / "tok")
     return folder / "model"
 

@@ -127,7 +127,7 @@ def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, capsys):
     """--dry-run needs config.json and the tokenizer only: here the weights file is not even there."""
     base = tmp_path / "base"
     train.main(["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
-                "--steps", "0", "--threads", "1", "--out", str(base)])
+                "--valid-size", "6", "--steps", "0", "--threads", "1", "--out", str(base)])
     (base / "cold_start" / "model.safetensors").unlink()
     capsys.readouterr()
     train.main(["--model", str(base / "cold_start"), "--dry-run", "--synthetic-users", "150", "--out",

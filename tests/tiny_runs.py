@@ -9,7 +9,7 @@ from pathlib import Path
 import train
 
 TINY = ["--synthetic-users", "150", "--cold-start-size", "24", "--sft-epochs", "1", "--eval-size", "6",
-        "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "2",
+        "--valid-size", "6", "--prompts-per-step", "2", "--samples", "3", "--max-new-tokens", "20", "--eval-every", "2",
         "--sample-every", "1", "--threads", "1", "--select", "best"]
 
 
