@@ -228,6 +228,9 @@ FIXED_ON_RESUME = ("lora_rank", "lora_targets")
 # What the prompt looks like: --eval-only of a training checkpoint takes these from the run that wrote it
 PROMPT_FLAGS = ("system_prompt", "max_user_history", "max_item_history", "history_fields", "item_texts",
                 "mark_shared", "max_new_tokens")
+# ...and, unless --data is given, the data it was trained on and its own test examples
+DATA_FLAGS = ("data", "data_format", "meta", "split", "synthetic_users", "drop_duplicates", "skip_bad_rows",
+              "seed", "eval_size")
 
 
 def _is_a(value, kind) -> bool:
@@ -272,7 +275,9 @@ def saved_run(checkpoint: str) -> dict:
 
 def _trained_prompt(given: dict) -> dict:
     """--eval-only of a training checkpoint (trainer_state.json beside the weights): the prompt flags
-    not given are those the checkpoint was trained with, not this script's defaults."""
+    not given are those the checkpoint was trained with, not this script's defaults; without --data,
+    so are the data flags (the same data, split and test examples: a demo checkpoint trained with
+    --synthetic-users 150 is scored on its own world, not on the default one)."""
     model = Path(given["model"])
     if not (model / "trainer_state.json").exists():
         return given
@@ -281,10 +286,12 @@ def _trained_prompt(given: dict) -> dict:
     except CheckpointError as e:
         fail(str(e))
     _check_saved_flags(model / "trainer_state.json", args)
-    taken = {name: args[name] for name in PROMPT_FLAGS if given[name] is None and name in args}
+    names = PROMPT_FLAGS + (DATA_FLAGS if given["data"] is None else ())
+    taken = {name: args[name] for name in names if given[name] is None and name in args}
     if taken:
-        shown = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items() if value is not None)
-        print(f"--eval-only: the prompt {model} was trained with: {shown}")
+        shown = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items()
+                         if value is not None and value is not False)
+        print(f"--eval-only: the prompt and data {model} was trained with: {shown}")
     return {**given, **taken}
 
 

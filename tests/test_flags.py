@@ -277,6 +277,21 @@ def test_eval_only_of_a_training_checkpoint_uses_the_prompt_it_was_trained_with(
     assert parse_args(["--model", str(tmp_path)]).max_new_tokens == 1024  # training from it: the flags' defaults
 
 
+def test_eval_only_of_a_training_checkpoint_scores_its_own_data(tmp_path):
+    """Without --data, --eval-only --model RUN/checkpoint scores the data the checkpoint was trained on: a
+    demo run with --synthetic-users 150 and --seed 3 was scored on the default 1,200-user world of seed 0
+    (a different synthetic world, silently). Given --data, the data flags are the user's."""
+    from plumbing.cli import parse_args
+
+    demo = {"data": None, "synthetic_users": 150, "seed": 3, "split": "global", "eval_size": 6, "lr": 0.5}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "param_groups": [], "args": demo}))
+    cfg = parse_args(["--eval-only", "--model", str(tmp_path)])
+    assert (cfg.data, cfg.synthetic_users, cfg.seed, cfg.split, cfg.eval_size) == (None, 150, 3, "global", 6)
+    assert parse_args(["--eval-only", "--model", str(tmp_path), "--seed", "1"]).seed == 1  # given: it wins
+    other = parse_args(["--eval-only", "--model", str(tmp_path), "--data", "x.csv", "--data-format", "csv"])
+    assert (other.seed, other.split, other.eval_size) == (0, "user-last", 1000)
+
+
 def test_resume_overrides_that_cannot_work_are_refused(tmp_path, capsys):
     """--resume-override lora_rank --lora-rank 0 (AdamW's moments have the adapters' shapes) and
     --resume-override mode --mode reczero of a checkpoint written in the cold-start SFT (a TypeError)."""

@@ -112,3 +112,27 @@ def test_resuming_in_the_cold_start_drops_what_came_after_it(tmp_path):
     assert kept == lines[1:4]
     RunLog(tmp_path, enabled=True, resume_step=0, resume_sft_batch=8)  # killed in the second epoch
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == lines[1:3]
+
+
+def test_predictions_round_trip_and_paired_comparison(tmp_path):
+    """write_predictions keeps the parsed rating (null when unparsable) and the scored one (the fallback
+    then); compare pairs two files by example: its difference is MAE(a) - MAE(b), and two files that
+    score different examples are refused."""
+    from plumbing.report import compare, read_predictions, write_predictions
+
+    examples = [Example(Rating(f"u{k}", "i1", y, 10 + k), Item("i1"), [], [], 3.0, 3.0)
+                for k, y in enumerate([5.0, 3.0, 1.0])]
+    write_predictions(tmp_path / "a.jsonl", examples, [4.0, None, 1.0], [3.5, 3.5, 3.5], ["t0", "t1", "t2"])
+    write_predictions(tmp_path / "b.jsonl", examples, [3.0, 3.0, 3.0], [3.0, 3.0, 3.0])
+    rows = read_predictions(tmp_path / "a.jsonl")
+    assert rows[("u1", "i1", 11)] == {"user_id": "u1", "item_id": "i1", "time": 11, "label": 3.0, "rating": None,
+                                      "scored": 3.5, "text": "t1"}
+    iv = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    # errors a: 1, 0.5, 0 (MAE 0.5); b: 2, 0, 2 (MAE 4/3)
+    assert iv.diff == pytest.approx(0.5 - 4 / 3) and iv.n == 3 and iv.low <= iv.diff <= iv.high
+    write_predictions(tmp_path / "c.jsonl", examples[:2], [3.0, 3.0], [3.0, 3.0])
+    with pytest.raises(ValueError, match="different examples"):
+        compare(tmp_path / "a.jsonl", tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"user_id": "u0"}\n')
+    with pytest.raises(ValueError, match="d.jsonl line 1"):
+        read_predictions(tmp_path / "d.jsonl")
