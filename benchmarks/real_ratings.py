@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo_seeds import spread  # noqa: E402  (the benchmarks folder is on sys.path: this script's own)
 from plumbing.report import compare, read_predictions  # noqa: E402
 from reczero import rating_metrics  # noqa: E402
 
@@ -167,12 +167,6 @@ def goals(s: dict) -> dict[str, bool]:
 
 # -----------------------------------------------------------------------------
 # Tables
-
-
-def spread(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
 def summary(seeds: list[dict]) -> str:

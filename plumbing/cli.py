@@ -273,7 +273,7 @@ def saved_run(checkpoint: str) -> dict:
     return {"step": saved["step"], "args": saved["args"], "in_sft": saved.get("sft_step") is not None}
 
 
-def _trained_prompt(given: dict) -> dict:
+def _trained_flags(given: dict) -> dict:
     """--eval-only of a training checkpoint (trainer_state.json beside the weights): the prompt flags
     not given are those the checkpoint was trained with, not this script's defaults; without --data,
     so are the data flags (the same data, split and test examples: a demo checkpoint trained with
@@ -354,7 +354,7 @@ def parse_args(argv=None) -> RunConfig:
     if saved:
         cfg = RunConfig(**_resume_values(given, saved, defaults))
     else:
-        taken = _trained_prompt(given) if given["eval_only"] and given["model"] else given
+        taken = _trained_flags(given) if given["eval_only"] and given["model"] else given
         cfg = RunConfig(**{name: default if taken[name] is None else taken[name] for name, default in defaults.items()})
     _warn_ignored(given, cfg)
     return cfg
