@@ -1,8 +1,9 @@
 """GRPO: sample a group of completions per prompt, score them, and push up the better-than-average ones.
 
-The algorithm (DeepSeekMath §4.1, as used by RecZero), in the order this file is written and with the
-step numbers of the README and of train.py:
-  1-2. rollout(): sample G completions per prompt, score each with the task's reward function.
+The algorithm (DeepSeekMath §4.1, as used by RecZero), with the step numbers of the README and of
+train.py. Steps 1-2 (sample with model.generate, score with the task's reward) run in train.py;
+this file turns their output into one update:
+  1-2. rollout_batch(): the prompts and their sampled completions as one right-padded batch.
   3.   group_advantages(): compare each completion with the others of its group (no value model:
        the group mean is the baseline).
   4.   token_logprobs(): log-probabilities of the sampled tokens under the policy being trained.
@@ -11,8 +12,10 @@ step numbers of the README and of train.py:
   7.   grpo_update(): gradients over micro-batches, clipping, AdamW; mu passes per rollout batch.
 
 Choices and simplifications:
-- beta = 0 by default, as in the RecZero paper: no KL term, so no reference model is built or run.
-  With beta > 0 the KL of the policy from the reference is estimated per token (k1, k2 or k3).
+- beta = 0 with a real checkpoint, as in the RecZero paper: no KL term, so no reference model is
+  built or run. With beta > 0 (the demo: 0.3) the KL of the policy from the reference is estimated
+  per token: k1 and k3 are unbiased, k3 >= 0 with low variance, k2 biased but low-variance; no
+  clamping (verl clamps k3 to [-10, 10]).
 - Advantages use the unbiased (Bessel, n - 1) std of each group and eps = 1e-6, like verl's
   `torch.std`. A group of size 1 gets advantage 0 (verl instead divides the raw reward by 1 + eps):
   one sample has nothing to be compared with. A group whose rewards are all equal also gets exactly
@@ -23,29 +26,49 @@ Choices and simplifications:
   the whole batch, so the gradient does not depend on how the batch is split into micro-batches.
 - With mu = 1 (one pass per rollout batch, the paper's setting) the old log-probs are the current
   ones detached: the ratio is exactly 1 and the update is the REINFORCE gradient with a group baseline.
+  With mu > 1, pi_old is rescored by the policy itself before the first pass (as verl does), so
+  sampler/trainer numerical differences never enter the ratio; they are only logged
+  (sampler_logp_absdiff).
+- A pass with a non-finite loss or grad norm does not step: its gradients are zeroed, the metrics
+  carry skipped=1.0 and the remaining passes are abandoned. A step that leaves a weight non-finite
+  is reported as weights_finite=0.0: the caller must not keep those weights.
+- Several processes: grpo_update asks `ranks` for everything that involves the other processes
+  (sums over ranks, gradient shards, the verdict on finiteness). Alone (plumbing/runs.OneProcess)
+  each of those calls returns its input; under torchrun plumbing/parallel.Distributed sums token
+  counts, gradients and losses over the ranks, so N ranks take exactly the step one process would
+  take on all their groups.
 - The policy is anything with forward(ids) -> hidden states and logits(hidden) (model.Transformer,
-  or a test's mock); forward_grouped() is used when it has one.
+  or a test's mock).
+
+Two exact speed-ups, each written after the plain computation it replaces and tested equal to it:
+token_logprobs() runs the output head only where a completion token is predicted, a chunk of
+positions at a time and recomputed in backward (with a 151k vocabulary, (B, T, V) logits would
+dominate memory), and, given each row's prompt, runs each prompt once for its G completions through
+policy.forward_grouped (G times less prompt work); plain_token_logprobs() is the plain version.
+At least one chunk runs, even an empty one (no position to score): backward then still runs through
+the whole model and the head, whose gradients are zero but dense (FSDP ranks meet in every backward,
+and the tied embedding's sparse lookup gradient alone could not be clipped).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from model import Generation, SamplingConfig, generate, right_pad
+from model import Generation, right_pad
+from plumbing.runs import OneProcess
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass
 class GRPOConfig:
-    """Everything the update step needs. Each field is named as train.py's flag (`--clip-low` is
-    clip_low); the defaults are the paper's where it gives one and verl's where it does not."""
+    """Everything the update step needs. Each field but adv_eps, logprob_chunk and share_prompt is
+    train.py's flag of the same name (`--clip-low` is clip_low) with the same default (a test checks);
+    the defaults are the paper's where it gives one and verl's where it does not."""
 
     adv_scale: str = "group"  # advantage std: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
     adv_eps: float = 1e-6
@@ -56,11 +79,11 @@ class GRPOConfig:
     loss_agg: str = "token-mean"
     max_new_tokens: int = 1024  # the completion cap: Dr. GRPO's constant normaliser
     mu: int = 1  # passes (optimizer steps) over each rollout batch
-    micro_batch: int | None = None  # rows per forward/backward; None = the whole batch
+    micro_batch: int = 8  # rows per forward/backward; gradients accumulate over the whole batch
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # must equal the sampler's temperature
     drop_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
-    logprob_chunk: int = 1024  # completion positions per output-head call
+    logprob_chunk: int = 1024  # completion positions per output-head call (token_logprobs)
     share_prompt: bool = True  # one forward pass per prompt for its G rows (needs policy.forward_grouped)
 
 
@@ -84,39 +107,23 @@ class RolloutBatch:
 
 
 # -----------------------------------------------------------------------------
-# Steps 1-2: sample a group of completions per prompt and score each one
+# Steps 1-2: the sampled completions and their rewards, as one batch
 
 
-def rollout(policy, prompts: list[list[int]], reward_fn: Callable[[int, list[int]], float],
-            sampling: SamplingConfig, samples: int, generator: torch.Generator | None = None,
-            pad_id: int = 0) -> RolloutBatch:
-    """Sample `samples` (G) completions of each prompt and score each with the task's reward.
-
-    reward_fn(prompt_index, completion_ids) -> float is called once per row, in row order (prompt-
-    major: the G rows of prompt 0 first). Returns the RolloutBatch that grpo_update trains on.
-    """
-    gen = generate(policy, prompts, sampling, num_samples=samples, generator=generator, pad_id=pad_id)  # Step 1
-    rewards = [reward_fn(i, c) for i, c in zip(gen.prompt_index.tolist(), gen.completions())]  # Step 2
-    return rollout_from_generation(prompts, gen, rewards, pad_id)
-
-
-def rollout_from_generation(prompts: list[list[int]], gen: Generation, rewards, pad_id: int = 0) -> RolloutBatch:
-    """Concatenate each prompt with its sampled completion(s) into a right-padded RolloutBatch.
-
-    prompts: token lists; gen: a model.Generation (tokens (N, T), lengths (N,), logprobs (N, T),
-    truncated (N,), prompt_index (N,)); rewards: (N,) tensor or list of floats.
-    """
+def rollout_batch(prompts: list[list[int]], gen: Generation, rewards, pad_id: int = 0) -> RolloutBatch:
+    """Each prompt followed by its sampled completion(s) (a model.Generation), right-padded to (N, L);
+    rewards: (N,) floats, row r's reward."""
     device = gen.tokens.device
-    pidx = gen.prompt_index.long()
-    completions = gen.completions()
-    input_ids, _ = right_pad([prompts[i] + c for i, c in zip(pidx.tolist(), completions)], pad_id, device)
-    plens = torch.tensor([len(prompts[i]) for i in pidx.tolist()], dtype=torch.long, device=device)
+    prompt_index = gen.prompt_index.long()
+    input_ids, _ = right_pad([prompts[i] + c for i, c in zip(prompt_index.tolist(), gen.completions())],
+                             pad_id, device)
+    plens = torch.tensor([len(prompts[i]) for i in prompt_index.tolist()], dtype=torch.long, device=device)
     clens = gen.lengths.long()
     sampler = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)
     for row, (p, c) in enumerate(zip(plens.tolist(), clens.tolist())):
         sampler[row, p : p + c] = gen.logprobs[row, :c].float()
     rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-    return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), pidx, rewards, sampler)
+    return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), prompt_index, rewards, sampler)
 
 
 # -----------------------------------------------------------------------------
@@ -127,33 +134,29 @@ def rollout_from_generation(prompts: list[list[int]], gen: Generation, rewards, 
 class Advantages:
     """What group_advantages returns."""
 
-    advantages: torch.Tensor  # (N,)
+    values: torch.Tensor  # (N,) one advantage per row
     frac_zero_std_groups: float  # groups with all-equal rewards (or a single sample): no signal
 
 
 def group_advantages(rewards, prompt_index, adv_scale: str = "group", eps: float = 1e-6) -> Advantages:
-    """A_i = (r_i - mean of its group) / (std + eps), groups given by prompt_index (N,) long.
-
-    std is the unbiased (Bessel, n - 1) std of the group for adv_scale="group", of all N rewards for
-    "batch" (Lite PPO); "none" only subtracts the group mean (Dr. GRPO). Groups whose
-    rewards are all equal, and groups of one sample, get exactly 0.
-    """
+    """A_i = (r_i - mean of its group) / (std + eps) for rewards (N,) grouped by prompt_index (N,).
+    adv_scale: the std of the "group" (GRPO), of the "batch" (Lite PPO), or "none" (Dr. GRPO)."""
     r = rewards.double()  # (N,)  double so equal rewards cancel exactly and std is accurate
     _, g = torch.unique(prompt_index, return_inverse=True)  # (N,) group id 0..K-1, order-free
     K = int(g.max()) + 1
     count = torch.bincount(g, minlength=K).double()  # (K,)
     mean = r.new_zeros(K).index_add_(0, g, r) / count  # DeepSeekMath §4.1.2
-    dev = r - mean[g]
-    var = r.new_zeros(K).index_add_(0, g, dev**2) / (count - 1).clamp(min=1)  # Bessel: n - 1
+    centered = r - mean[g]
+    var = r.new_zeros(K).index_add_(0, g, centered**2) / (count - 1).clamp(min=1)  # Bessel: n - 1
     rmax = r.new_full((K,), -math.inf).scatter_reduce(0, g, r, "amax")
     rmin = r.new_full((K,), math.inf).scatter_reduce(0, g, r, "amin")
     no_signal = (rmax == rmin) | (count < 2)  # (K,)
     if adv_scale == "group":
-        adv = dev / (var.sqrt()[g] + eps)  # GRPO: DeepSeekMath §4.1.2 outcome supervision
+        adv = centered / (var.sqrt()[g] + eps)  # GRPO: DeepSeekMath §4.1.2 outcome supervision
     elif adv_scale == "batch":
-        adv = dev / (r.std() + eps) if len(r) > 1 else dev  # Lite PPO: group mean, batch std
+        adv = centered / (r.std() + eps) if len(r) > 1 else centered  # Lite PPO: group mean, batch std
     elif adv_scale == "none":
-        adv = dev  # Dr. GRPO: no std division (it up-weights too easy / too hard groups)
+        adv = centered  # Dr. GRPO: no std division (it up-weights too easy / too hard groups)
     else:
         raise ValueError(f"unknown advantage scale {adv_scale!r}")
     adv = torch.where(no_signal[g], torch.zeros_like(adv), adv)
@@ -165,11 +168,8 @@ def group_advantages(rewards, prompt_index, adv_scale: str = "group", eps: float
 
 
 def completion_mask(prompt_lengths, completion_lengths, seq_len: int, truncated=None) -> torch.Tensor:
-    """(N, seq_len) bool, True on positions [P_i, P_i + C_i): the completion including its stop token.
-
-    Built from positions, never from `id == pad` (pad is often eos, which must be trained on).
-    If `truncated` (N,) bool is given, those rows are left out entirely (DAPO overlong filtering).
-    """
+    """(N, seq_len) bool, True on [P_i, P_i + C_i): the completion and its stop token (never `id == pad`:
+    pad is often eos). Rows with `truncated` (N,) True are left out (DAPO's overlong filtering)."""
     pos = torch.arange(seq_len, device=prompt_lengths.device)[None, :]  # (1, L)
     start = prompt_lengths[:, None]
     mask = (pos >= start) & (pos < start + completion_lengths[:, None])  # (N, L)
@@ -178,9 +178,19 @@ def completion_mask(prompt_lengths, completion_lengths, seq_len: int, truncated=
     return mask
 
 
+def plain_token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0):
+    """Log-probs of the tokens in input_ids (B, T) at the masked positions under softmax(logits / T):
+    (logp (B, T) fp32, 0 outside the mask; entropy (B, T) detached). The whole (B, T, V) logits at once."""
+    logits = policy.logits(policy(input_ids)[:, :-1]).float() / temperature  # position t-1 predicts token t
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+    logp = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
+    first = logp.new_zeros(len(input_ids), 1)  # token 0 has nothing before it to predict it
+    return (torch.cat((first, logp), 1) * loss_mask, torch.cat((first, entropy), 1) * loss_mask)
+
+
 def _chunk_logprobs(policy, hidden, targets, temperature):
-    # hidden (M, C), targets (M,) -> logp (M,), entropy (M,). Only M rows of (M, V) logits live at once.
-    # fp32: a log-softmax over a 151k vocabulary in bf16 is too coarse for ratios near 1
+    # hidden (M, C), targets (M,) -> logp (M,), entropy (M,); fp32: bf16 is too coarse for ratios near 1
     logits = policy.logits(hidden).float() / temperature  # (M, V)
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
@@ -189,19 +199,13 @@ def _chunk_logprobs(policy, hidden, targets, temperature):
     return logp, entropy
 
 
-def _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths=None, prompt_index=None):
-    """The hidden states that predict each masked token, and those tokens: (M, C), (M,), row-major.
-
-    With prompt_index, rows of one group are assumed to share their prompt and policy.forward_grouped
-    runs each prompt once for its G completions (exact; G times less prompt work)."""
-    if prompt_index is None:
-        hidden = policy(input_ids)  # (B, T, C)
-        sel = loss_mask[:, 1:]  # (B, T-1): hidden at t-1 predicts token t
-        return hidden[:, :-1][sel], input_ids[:, 1:][sel]
+def _shared_prompt_hidden(policy, input_ids, loss_mask, prompt_lengths, prompt_index):
+    """Speed-up of policy(input_ids), exact: the hidden states (M, C) that predict each masked token, and
+    those tokens (M,), row-major, with one forward_grouped pass per prompt for its group's rows."""
     N, L = input_ids.shape
-    groups, inv = torch.unique(prompt_index, return_inverse=True)  # inv (N,): group of each row
+    prompt_ids, inv = torch.unique(prompt_index, return_inverse=True)  # inv (N,): group of each row
     rows = torch.arange(N, device=input_ids.device)
-    first = torch.full((len(groups),), N, device=rows.device).scatter_reduce(0, inv, rows, "amin")
+    first = torch.full((len(prompt_ids),), N, device=rows.device).scatter_reduce(0, inv, rows, "amin")
     plen = prompt_lengths[first]  # (P,)
     prompts = input_ids[first, : int(plen.max())]  # (P, Tp); past each length is ignored (masked)
     idx = prompt_lengths[:, None] + torch.arange(int((L - prompt_lengths).max()), device=rows.device)
@@ -214,33 +218,24 @@ def _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths=None, prompt
 
 def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk_size: int = 1024,
                    prompt_lengths=None, prompt_index=None):
-    """Log-probs of the tokens in input_ids (B, T) at the masked positions, under softmax(logits / T).
-
-    Returns (logp (B, T) fp32, 0 outside the mask; entropy (B, T) detached). The output head runs
-    only on positions that predict a completion token, `chunk_size` of them at a time; with grad
-    enabled each chunk is checkpointed, so its (chunk, V) logits are recomputed in backward
-    instead of all being kept alive (with a 151k vocabulary, (B, T, V) logits would dominate memory).
-    Give prompt_lengths (B,) and prompt_index (B,) to share each prompt's forward pass among the rows
-    of its group.
-    """
+    """Speed-up of plain_token_logprobs, exact (see the module docstring): (logp, entropy), each (B, T).
+    Give prompt_lengths (B,) and prompt_index (B,) to run each prompt once for its group."""
     assert temperature > 0, "score with the sampling temperature; greedy (T=0) is not trainable"
     assert not loss_mask[:, 0].any(), "position 0 has no preceding hidden state to predict it"
-    h, targets = _predicting_hidden(policy, input_ids, loss_mask, prompt_lengths, prompt_index)
+    if prompt_index is None:
+        sel = loss_mask[:, 1:]  # (B, T-1): the hidden state at t-1 predicts token t
+        h, targets = policy(input_ids)[:, :-1][sel], input_ids[:, 1:][sel]  # (M, C), (M,)
+    else:
+        h, targets = _shared_prompt_hidden(policy, input_ids, loss_mask, prompt_lengths, prompt_index)
     logps, ents = [], []
-    # at least one chunk, even an empty one (no position to score): backward then still runs through
-    # the whole model and the head, whose gradients are zero but dense (FSDP ranks meet in every
-    # backward, and a tied embedding's lookup alone would leave a sparse gradient)
-    for i in range(0, max(h.shape[0], 1), chunk_size):
+    for i in range(0, max(h.shape[0], 1), chunk_size):  # at least one chunk, even empty (module docstring)
         args = (policy, h[i : i + chunk_size], targets[i : i + chunk_size], temperature)
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
+        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() \
+            else _chunk_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
-    flat_lp, flat_ent = torch.cat(logps), torch.cat(ents)
     zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=input_ids.device)
-    return zeros.masked_scatter(loss_mask, flat_lp), zeros.masked_scatter(loss_mask, flat_ent.detach())
+    return zeros.masked_scatter(loss_mask, torch.cat(logps)), zeros.masked_scatter(loss_mask, torch.cat(ents).detach())
 
 
 # -----------------------------------------------------------------------------
@@ -248,38 +243,26 @@ def token_logprobs(policy, input_ids, loss_mask, temperature: float = 1.0, chunk
 
 
 def kl_estimate(logp, ref_logp, kind: str = "k3"):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020).
-
-    logp, ref_logp: (...) log-probs of the same sampled tokens. k1 and k3 are unbiased, k3 >= 0
-    with low variance; k2 is biased but low-variance. No clamping (verl clamps k3 to [-10, 10]).
-    """
+    """Per-token KL(pi || pi_ref) estimate (Schulman 2020) from log-probs (...) of tokens sampled from pi."""
     log_r = ref_logp - logp  # log(pi_ref / pi), r has expectation 1 under pi
     if kind == "k1":
         return -log_r  # Schulman 2020 k1
     if kind == "k2":
         return 0.5 * log_r**2  # Schulman 2020 k2
-    if kind == "k3":
-        # Schulman 2020 k3 = DeepSeekMath eq. 4: r - log r - 1. expm1 keeps the tiny
-        # differences near r = 1 that exp(x) - 1 would round away.
-        return torch.expm1(log_r) - log_r
+    if kind == "k3":  # expm1 keeps the tiny differences near r = 1 that exp(x) - 1 would round away
+        return torch.expm1(log_r) - log_r  # Schulman 2020 k3 = DeepSeekMath eq. 4: r - log r - 1
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_low: float = 0.2, clip_high: float = 0.2):
-    """Per-token PPO-clip loss (to minimise) with separate lower / upper clip ranges.
-
-    logp, old_logp: (B, T); advantages: broadcastable, e.g. (B, 1). Returns (loss (B, T),
-    ratio (B, T) detached, clipped_low (B, T) bool, clipped_high (B, T) bool), where the clipped
-    tokens are those whose gradient is cut off.
-    """
+    """Per-token PPO-clip loss to minimise; logp, old_logp (B, T), advantages e.g. (B, 1). Returns
+    (loss, ratio detached, clipped_low, clipped_high), each (B, T); clipped: the gradient is cut."""
     ratio = torch.exp(logp - old_logp)  # DeepSeekMath eq. 3: pi_theta / pi_old
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # DAPO eq. 8 (clip-higher)
     loss = torch.maximum(unclipped, clipped)  # min of the objectives = max of the losses
     r = ratio.detach()
-    clipped_low = (advantages < 0) & (r < 1 - clip_low)
-    clipped_high = (advantages > 0) & (r > 1 + clip_high)
-    return loss, r, clipped_low, clipped_high
+    return loss, r, (advantages < 0) & (r < 1 - clip_low), (advantages > 0) & (r > 1 + clip_high)
 
 
 # -----------------------------------------------------------------------------
@@ -287,19 +270,11 @@ def clipped_surrogate(logp, old_logp, advantages, clip_low: float = 0.2, clip_hi
 
 
 def aggregation_weights(mask, mode: str = "token-mean", max_new_tokens: int | None = None,
-                        all_reduce=None):
-    """(N, T) weights w with loss = sum(w * per_token_loss), computed over the whole optimizer batch.
-
-    token-mean (DAPO): 1 / (tokens in the batch); seq-mean-token-mean (GRPO): 1 / (|o_i| * seqs);
-    seq-mean-token-sum-norm (Dr. GRPO): 1 / (max_new_tokens * seqs). Rows with no loss
-    tokens (e.g. dropped truncations) do not count as sequences. With data parallelism,
-    `all_reduce` (a sum over ranks) makes the token and sequence counts global.
-    """
+                        ranks=OneProcess()):
+    """(N, T) weights w, loss = sum(w * per-token loss), over the whole batch (all ranks' counts)."""
     m = mask.float()
     lengths = m.sum(-1, keepdim=True)  # (N, 1)
-    counts = torch.stack([m.sum(), (lengths > 0).sum().float()])  # tokens, sequences in this batch
-    if all_reduce is not None:
-        counts = all_reduce(counts)
+    counts = ranks.all_reduce(torch.stack([m.sum(), (lengths > 0).sum().float()]))  # tokens, sequences
     n_tokens, n_seqs = counts.clamp(min=1)
     if mode == "token-mean":
         return m / n_tokens  # DAPO eq. 8: 1 / sum_i |o_i|
@@ -315,158 +290,105 @@ def aggregation_weights(mask, mode: str = "token-mean", max_new_tokens: int | No
 # Step 7: one update (gradients over micro-batches, clipping, AdamW), mu times
 
 
-def _micro_batches(n: int, size: int | None) -> list[slice]:
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _take_rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if x is None else x[rows]
-
-
-def _group_args(policy, batch: RolloutBatch, rows: slice, cfg: GRPOConfig):
-    # (prompt_lengths, prompt_index) of the micro-batch when its groups can share their prompt pass
-    if cfg.share_prompt and hasattr(policy, "forward_grouped"):
-        return batch.prompt_lengths[rows], batch.prompt_index[rows]
-    return None, None
+def _logprobs(policy, batch: RolloutBatch, rows: slice, mask, cfg: GRPOConfig):
+    """Step 4 on the batch's rows `rows`: token_logprobs, each prompt's pass shared by its group."""
+    share = cfg.share_prompt and hasattr(policy, "forward_grouped")  # a test's mock policy has none
+    prompts = (batch.prompt_lengths[rows], batch.prompt_index[rows]) if share else ()
+    return token_logprobs(policy, batch.input_ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk, *prompts)
 
 
 @torch.no_grad()
-def _batch_logprobs(policy, batch: RolloutBatch, mask, cfg: GRPOConfig) -> torch.Tensor:
-    """(N, L) log-probs of the whole batch under `policy`, micro-batch by micro-batch, without grad."""
+def _scored(policy, batch: RolloutBatch, mask, cfg: GRPOConfig, ranks) -> torch.Tensor:
+    """(N, L) log-probs of the batch under `policy` (pi_old or the reference), micro-batch by micro-batch."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for rows in _micro_batches(len(mask), cfg.micro_batch):
-        out[rows] = token_logprobs(policy, batch.input_ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
-                                   *_group_args(policy, batch, rows, cfg))[0]
-    if hasattr(policy, "reshard"):  # FSDP (plumbing/parallel.py) frees the root's weights in backward: none here
-        policy.reshard()
+    for i in range(0, len(mask), cfg.micro_batch):
+        out[i : i + cfg.micro_batch] = _logprobs(policy, batch, slice(i, i + cfg.micro_batch), mask, cfg)[0]
+    ranks.free(policy)  # FSDP: a pass without backward must release the weights it gathered
     return out
 
 
-def _micro_batch_step(policy, ids, mask, weights, adv, old, ref, sampler_logp, cfg, groups) -> dict[str, float]:
-    """Steps 4-5 for one micro-batch, then its backward; returns sums, not yet averaged."""
-    logp, entropy = token_logprobs(policy, ids, mask, cfg.temperature, cfg.logprob_chunk, *groups)  # Step 4 (b, L)
-    old = logp.detach() if old is None else old  # mu = 1: pi_old is the policy itself, the ratio exactly 1
-    pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, adv, cfg.clip_low, cfg.clip_high)  # Step 5
-    pg_loss = (pg * weights).sum()  # Step 6: the weights carry the whole batch's normaliser
-    loss, kl = pg_loss, torch.zeros(())
-    if ref is not None:
-        kl = (kl_estimate(logp, ref, cfg.kl_estimator) * weights).sum()
-        loss = loss + cfg.beta * kl  # DeepSeekMath eq. 3: the KL enters the loss, not the reward
-    loss.backward()  # gradients add up over micro-batches into the whole batch's gradient
-    lp = logp.detach()
-    stats = {"loss": loss, "pg_loss": pg_loss, "kl": kl,
-             # the rest are token sums, divided by the batch's token count at the end
-             "ppo_kl": (old - lp) * mask,  # k1 of pi_old from pi (verl's ppo_kl)
-             "pg_clipfrac_low": clip_low & mask, "pg_clipfrac_high": clip_high & mask,
-             "ratio_mean": ratio * mask, "entropy": entropy * mask}
-    if sampler_logp is not None:  # were the tokens scored with the distribution they were drawn from?
-        stats["sampler_logp_absdiff"] = (lp - sampler_logp).abs() * mask
-    return {k: v.sum().item() for k, v in stats.items()}
-
-
-def sum_gradients(params, all_reduce) -> None:
-    """Data parallel: each rank holds the gradient of its part of one sum-normalised loss; add the
-    parts (`all_reduce`: an in-place sum over ranks). FSDP's backward has already summed the
-    gradients of sharded parameters (DTensors), so those are left alone."""
-    for p in params:
-        if isinstance(p, DTensor):
-            continue
-        if p.grad is None:  # a rank may not have touched every parameter; it must still join
-            p.grad = torch.zeros_like(p)
-        all_reduce(p.grad)
-
-
-def scalar(t: torch.Tensor) -> float:
-    """A one-element tensor's value; under FSDP the grad norm is a DTensor of per-shard parts, which
-    full_tensor() combines."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
-
-
-def all_finite(params, all_reduce=None) -> bool:
-    """Whether every weight in `params` is finite, on every rank (FSDP: each rank checks its shards;
-    `all_reduce` sums the verdicts). One device sync for all tensors, not one per tensor."""
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-    bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
-    return scalar(all_reduce(bad) if all_reduce is not None else bad) == 0
+def optimizer_step(optimizer, params, loss: float, max_grad_norm: float, ranks=OneProcess()) -> tuple[float, bool]:
+    """Clip the accumulated gradient of `params` to max_grad_norm and step; when the loss or the norm is
+    not finite (on any rank) zero the gradient instead. Returns (norm before clipping, stepped)."""
+    ranks.sum_gradients(params)  # data parallel: add the other ranks' parts of the gradient
+    grad_norm = ranks.scalar(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not ranks.all_agree(math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, False
+    optimizer.step()
+    # autocast keeps the low-precision copy of each weight it casts until its region ends (train.py's
+    # spans the whole run): those copies are stale now
+    torch.clear_autocast_cache()
+    return grad_norm, True
 
 
 def grpo_update(policy, optimizer, batch: RolloutBatch, cfg: GRPOConfig, ref_policy=None,
-                all_reduce=None) -> dict[str, float]:
+                ranks=OneProcess()) -> dict[str, float]:
     """Steps 3-7 on one rollout batch: cfg.mu optimizer steps; returns averaged metrics (verl's names).
-
-    Each pass zero-grads, accumulates gradients over micro-batches (weights fixed over the whole
-    batch), clips the grad norm and steps. A pass with a non-finite loss or grad norm does not step:
-    grads are zeroed, metrics carry skipped=1.0 and the remaining passes are abandoned. A step that
-    leaves any weight non-finite is reported as weights_finite=0.0 (the caller must not keep them).
-    sampler_logp_absdiff is reported only when the batch carries the sampler's log-probs.
-    Data parallel: each rank passes its own groups and `all_reduce` (an in-place sum over ranks);
-    normalisers are then global and gradients are summed before clipping, so N ranks take exactly
-    the step one process would take on all the groups. With FSDP (the policy sharded by
-    plumbing/parallel.py) the backward pass sums the gradients itself. Either way all_reduce also makes
-    the logged losses global and the decision to skip a non-finite step the same on every rank.
-    """
+    ranks: the other processes (OneProcess when alone; parallel.Distributed under torchrun)."""
     assert cfg.beta == 0 or ref_policy is not None, "beta > 0 needs a reference policy"
     assert cfg.loss_agg in LOSS_AGG_MODES, cfg.loss_agg
     # Step 3: advantages, grouped by the explicit prompt index (never by row order or text)
-    adv = group_advantages(batch.rewards, batch.prompt_index, cfg.adv_scale, cfg.adv_eps)
-    A = adv.advantages.float()[:, None]  # (N, 1): one advantage for all tokens of a row
+    advantages = group_advantages(batch.rewards, batch.prompt_index, cfg.adv_scale, cfg.adv_eps)
+    row_adv = advantages.values.float()[:, None]  # (N, 1): a row's advantage applies to each of its tokens
     # Step 4: which positions are trained on: each completion and its stop token, from lengths
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1],
                            batch.truncated if cfg.drop_truncated else None)
-    # Step 6: the aggregation weights, over the whole optimizer batch before the first micro-batch
-    # (normalising per micro-batch would make the gradient depend on how the batch is split)
-    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_new_tokens, all_reduce)
-    # pi_old must stay fixed across the mu passes. It is rescored by the policy itself (as verl does),
-    # so sampler/trainer numerical differences never enter the ratio; they are only logged.
-    old_all = _batch_logprobs(policy, batch, mask, cfg) if cfg.mu > 1 else None
-    ref_all = _batch_logprobs(ref_policy, batch, mask, cfg) if cfg.beta > 0 else None
+    # Step 6: the weights, over the whole batch before the first micro-batch (normalising per
+    # micro-batch would make the gradient depend on how the batch is split)
+    weights = aggregation_weights(mask, cfg.loss_agg, cfg.max_new_tokens, ranks)
+    old_logp = _scored(policy, batch, mask, cfg, ranks) if cfg.mu > 1 else None  # pi_old, fixed over the passes
+    ref_logp = _scored(ref_policy, batch, mask, cfg, ranks) if cfg.beta > 0 else None
     params = [p for p in policy.parameters() if p.requires_grad]
-    totals, passes, skipped = {}, 0, 0.0
+    sums, passes, skipped = {}, 0, 0.0
     for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        for rows in _micro_batches(len(mask), cfg.micro_batch):  # Steps 4-6, micro-batch by micro-batch
-            sampler = batch.sampler_logprobs if passes == 0 else None
-            stats = _micro_batch_step(policy, batch.input_ids[rows], mask[rows], weights[rows], A[rows],
-                                      _take_rows(old_all, rows), _take_rows(ref_all, rows),
-                                      _take_rows(sampler, rows), cfg, _group_args(policy, batch, rows, cfg))
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
-        # Step 7: one optimizer step on the accumulated gradient
-        if all_reduce is not None:
-            sum_gradients(params, all_reduce)
-        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
+        for i in range(0, len(mask), cfg.micro_batch):  # Steps 4-6, micro-batch by micro-batch
+            rows = slice(i, i + cfg.micro_batch)
+            logp, entropy = _logprobs(policy, batch, rows, mask, cfg)  # Step 4: (b, L)
+            # mu = 1: pi_old is the policy itself, so the ratio is exactly 1
+            old = logp.detach() if old_logp is None else old_logp[rows]
+            pg, ratio, clip_low, clip_high = clipped_surrogate(logp, old, row_adv[rows], cfg.clip_low,
+                                                               cfg.clip_high)  # Step 5
+            pg_loss = (pg * weights[rows]).sum()  # Step 6: the weights carry the whole batch's normaliser
+            loss, kl = pg_loss, torch.zeros(())
+            if ref_logp is not None:
+                kl = (kl_estimate(logp, ref_logp[rows], cfg.kl_estimator) * weights[rows]).sum()
+                loss = loss + cfg.beta * kl  # DeepSeekMath eq. 3: the KL enters the loss, not the reward
+            loss.backward()  # gradients add up over micro-batches into the whole batch's gradient
+            m, lp = mask[rows], logp.detach()
+            for k, v in {"loss": loss, "pg_loss": pg_loss, "kl": kl, "ppo_kl": (old - lp) * m,  # verl's ppo_kl
+                         "pg_clipfrac_low": clip_low & m, "pg_clipfrac_high": clip_high & m,
+                         "ratio_mean": ratio * m, "entropy": entropy * m}.items():
+                sums[k] = sums.get(k, 0.0) + v.sum().item()  # token sums: divided by the token count below
+            if passes == 0 and batch.sampler_logprobs is not None:  # the sampler's log-probs, compared once
+                diff = (lp - batch.sampler_logprobs[rows]).abs() * m
+                sums["sampler_logp_absdiff"] = sums.get("sampler_logp_absdiff", 0.0) + diff.sum().item()
+        # Step 7: clip the whole batch's gradient and take one AdamW step (never on nan/inf)
+        grad_norm, stepped = optimizer_step(optimizer, params, sums["loss"], cfg.max_grad_norm, ranks)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
         passes += 1
-        bad = float(not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)))
-        if all_reduce is not None:  # one decision for all ranks, or their next collectives would not pair up
-            bad = all_reduce(torch.tensor([bad], device=mask.device)).item()
-        if bad:
-            optimizer.zero_grad(set_to_none=True)  # never step on nan/inf: train.py relies on this
+        if not stepped:
             skipped = 1.0
             break
-        optimizer.step()
-        # autocast keeps the low-precision copy of each weight it casts until its region ends (train.py's
-        # spans the whole run): those copies are stale now
-        torch.clear_autocast_cache()
-    # judge the step by what it produced, too: a finite gradient times a huge lr can still overflow
-    weights_finite = float(all_finite(params, all_reduce)) if passes and not skipped else 1.0
+    return _step_metrics(sums, passes, skipped, advantages, batch, mask, params, ranks)
+
+
+def _step_metrics(sums, passes, skipped, advantages, batch, mask, params, ranks) -> dict[str, float]:
+    """The step's metrics: losses and grad norm per pass, token statistics per token, over all ranks."""
     n_tok = max(int(mask.sum()), 1)
-    if all_reduce is not None:  # each rank summed its part of the globally normalised losses: add the parts
-        parts = all_reduce(torch.tensor([totals[k] for k in ("loss", "pg_loss", "kl")], dtype=torch.float64,
-                                        device=mask.device))
-        totals.update(zip(("loss", "pg_loss", "kl"), parts.tolist()))
-    metrics = {k: v / passes for k, v in totals.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
+    losses = ranks.all_reduce(torch.tensor([sums[k] for k in ("loss", "pg_loss", "kl")], dtype=torch.float64,
+                                           device=mask.device))  # each rank summed its part
+    sums.update(zip(("loss", "pg_loss", "kl"), losses.tolist()))
+    metrics = {k: v / passes for k, v in sums.items()}  # loss, pg_loss, kl, grad_norm: mean per pass
     for k in ("ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "ratio_mean", "entropy"):
         metrics[k] /= n_tok  # token means
-    if "sampler_logp_absdiff" in totals:
-        metrics["sampler_logp_absdiff"] = totals["sampler_logp_absdiff"] / n_tok  # first pass only
-    metrics.update(
-        skipped=skipped,
-        weights_finite=weights_finite,
-        frac_reward_zero_std=adv.frac_zero_std_groups,
-        reward_mean=batch.rewards.float().mean().item(),
-        response_length_mean=batch.completion_lengths.float().mean().item(),
-        truncated_frac=batch.truncated.float().mean().item(),
-    )
+    if "sampler_logp_absdiff" in sums:
+        metrics["sampler_logp_absdiff"] = sums["sampler_logp_absdiff"] / n_tok  # first pass only
+    # a finite gradient times a large learning rate can still overflow the weights
+    weights_finite = float(ranks.all_finite(params)) if passes and not skipped else 1.0
+    metrics.update(skipped=skipped, weights_finite=weights_finite, frac_reward_zero_std=advantages.frac_zero_std_groups,
+                   reward_mean=batch.rewards.float().mean().item(),
+                   response_length_mean=batch.completion_lengths.float().mean().item(),
+                   truncated_frac=batch.truncated.float().mean().item())
     return metrics

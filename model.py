@@ -1,4 +1,4 @@
-"""The model a GRPO step runs: a hand-written decoder-only transformer and its sampler.
+"""The model a GRPO step runs: a hand-written decoder-only transformer, its sampler and its tokenizer.
 
 The decoder covers Qwen2/Qwen2.5 (bias on q/k/v), Llama 3.x and SmolLM2 (llama3 RoPE scaling) and
 Qwen3 (RMSNorm on each head's q and k, explicit head_dim), read from a Hugging Face `config.json`.
@@ -11,8 +11,6 @@ Parameter names mirror the Hugging Face ones minus the `model.` prefix, so loadi
 - forward() returns hidden states; logits() applies the head only where it is asked (the last
   position when decoding, completion positions when training). forward_grouped() runs each prompt
   once for all the completions that continue it: GRPO's G samples share their prompt's pass.
-- With a tied head the embedding lookup's gradient is kept sparse (one row per token instead of a
-  zero-filled V x C table); autograd adds it to the head's dense gradient, so `.grad` ends dense.
 - generate() samples: each prompt is prefilled once into a preallocated KV cache that is copied to
   its G rows (as nanochat does), then one token per row per step, with temperature, top-p, top-k or
   greedy decoding and per-row stop tokens. It returns the tokens and the log-probs of the
@@ -26,19 +24,35 @@ Simplifications, each on purpose:
   row's next token at that row's own cache position and masks the positions it has not filled.
 - The KV cache is preallocated per generate() call and rows are never compacted: finished rows keep
   decoding a pad token. Simpler than a paged cache and fine for the G <= 16 samples GRPO needs.
-- Two CPU speed-ups, found with benchmarks/bench_model.py and exact up to fp32 rounding: tokens are
-  drawn by inverse CDF (sample_tokens) instead of torch.multinomial, and the head of a few decode
-  rows is computed as W @ h^T (head_logits).
+- Four exact speed-ups, each labelled where it stands and tested equal to the plain computation:
+  forward_grouped (each prompt's pass shared by its G completions: the class docstring); with a tied
+  head, the embedding lookup's gradient kept sparse (Transformer.__init__);
+  sample_tokens draws by inverse CDF what sample_plain draws with torch.multinomial, which on a CPU
+  draws one exponential per vocabulary entry (~40 ms a decode step for 8 rows x 151k tokens on one
+  core, 10x slower, where the 0.5B-shape step itself takes ~200 ms); head_logits computes the head of
+  a few decode rows as W @ h^T, which MKL's fp32 GEMM runs ~2x faster than h @ W^T (what F.linear
+  asks for: 8 rows 126 vs 238 ms, equal at ~64 rows; the 151k-row head is most of a decode step).
+  Each was found with benchmarks/bench_model.py.
+- The tokenizer (Tokenizer) reads a checkpoint's tokenizer.json through the `tokenizers` library (the
+  same Rust code `transformers` uses), special tokens from tokenizer_config.json and stop ids from
+  generation_config.json. Chat formatting is hand-written for two families instead of running each
+  model's Jinja template: "chatml" (Qwen2.5, SmolLM2, our demo model) and "llama3" (Llama 3.x
+  headers); the tests check both against the templates' own output. Templates that insert extra text
+  (a default system message when none is given, Llama 3.1's knowledge-date lines) are not
+  reproduced: always pass a system message, as this project does.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
@@ -76,7 +90,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
 
     @staticmethod
-    def from_hf(cfg: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict; unsupported architectures or features raise CheckpointError."""
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
         arch = ARCHITECTURES.get(archs[0])
@@ -189,7 +203,15 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; writes to / reads from a preallocated KV cache when given one."""
+    """Grouped-query attention; writes to / reads from a preallocated KV cache when given one.
+
+    forward(x, cos, sin, kv, cache_pos, mask, prefix, return_kv): kv is (k_cache, v_cache), each
+    (B, nkv, S, hd). With cache_pos None it prefills (writes cache positions 0..T-1, causal); else it
+    decodes (T == 1: row b writes its token at cache position cache_pos[b]). prefix: (k, v), each
+    (B, nkv, S, hd), attended before x (the shared prompt of forward_grouped). return_kv also returns
+    this call's (k, v), so a prompt pass can serve as the prefix of its completions (returned, not
+    appended to a list the caller passes in: FSDP's hooks rebuild argument containers, and an appended
+    item would be lost)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -202,12 +224,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv=None, cache_pos=None, mask=None, prefix=None, return_kv=False):
-        """x (B, T, C); cos/sin (B, 1, T, hd). kv: (k_cache, v_cache) each (B, nkv, S, hd).
-        cache_pos None: prefill (write cache positions 0..T-1, causal); else decode (T == 1: row b
-        writes its token at cache position cache_pos[b]). prefix: (k, v) (B, nkv, S, hd) attended
-        before x (shared-prompt training). return_kv: also return this call's (k, v), so a prompt
-        pass can serve as the prefix of its completions (returned, not appended to a list the caller
-        passes in: FSDP's hooks rebuild argument containers, and an appended item would be lost)."""
+        """x (B, T, C); cos/sin (B, 1, T, hd) -> (B, T, C) (see the class docstring for the rest)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -266,16 +283,30 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The whole decoder. forward() returns final-normed hidden states; logits() applies the head."""
+    """The whole decoder. forward() returns final-normed hidden states; logits() applies the head.
+
+    forward(ids) runs causal attention over right-padded rows starting at position 0; with `kv_cache`
+    (a KVCache) it prefills or decodes for generate(); `prefix` (a per-layer list of (k, v)) and
+    return_kv (then it returns (hidden, that list)) serve forward_grouped().
+
+    forward_grouped(prompt_ids, prompt_lens, completion_ids, prompt_index) is an exact speed-up of
+    running each prompt + completion row through forward() on its own (grpo.token_logprobs): the G
+    completions of a prompt share one pass over that prompt, G times less prompt work. prompt_ids
+    (P, Tp) right-padded with lengths prompt_lens (P,); completion_ids (N, Tc) right-padded;
+    prompt_index (N,) says which prompt each completion continues. It returns h_last (P, C), the
+    hidden state at each prompt's last token (it predicts completion token 0), and h (N, Tc, C),
+    where h[:, j] predicts completion token j + 1.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # Tied weights: the lookup's gradient is kept sparse (one row per token instead of a zero-filled
-        # V x C table) and autograd adds it to the head's dense gradient, so .grad still ends dense and
-        # the backward writes one vocabulary-sized tensor instead of three (about 5% of a training step
-        # at a 151k vocabulary on CPU: benchmarks/bench_model.py --profile). Every loss here goes through
-        # logits(); one that never reaches the head would leave a sparse .grad, which AdamW refuses.
+        # Speed-up, exact: with tied weights the lookup's gradient is kept sparse (one row per token instead
+        # of a zero-filled V x C table; the plain version is sparse=False) and autograd adds it to the head's
+        # dense gradient, so .grad still ends dense and the backward writes one vocabulary-sized tensor
+        # instead of three (about 5% of a training step at a 151k vocabulary on CPU: bench_model.py
+        # --profile). tests/test_model.py checks the gradients against transformers' dense ones. Every loss
+        # here goes through logits(); one that never reaches the head would leave a sparse .grad.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, sparse=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -313,9 +344,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions=None, kv_cache=None, cache_pos=None, mask=None,
                 prefix=None, return_kv=False):
-        """ids (B, T) -> hidden (B, T, C). Without a cache: causal attention over right-padded rows
-        starting at position 0. With `kv_cache` (a KVCache) see generate(); `prefix` (a per-layer
-        list of (k, v)) and return_kv (then returns (hidden, that list)) are used by forward_grouped()."""
+        """ids (B, T) -> hidden (B, T, C) (the class docstring says what the other arguments do)."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -335,14 +364,7 @@ class Transformer(nn.Module):
         return (self.norm(x), kvs) if return_kv else self.norm(x)
 
     def forward_grouped(self, prompt_ids, prompt_lens, completion_ids, prompt_index):
-        """Training forward in which the G completions of a prompt share one pass over that prompt.
-
-        prompt_ids (P, Tp) right-padded with lengths prompt_lens (P,); completion_ids (N, Tc) right-
-        padded; prompt_index (N,) says which prompt each completion continues. Returns
-        h_last (P, C), the hidden state at each prompt's last token (it predicts completion token 0),
-        and h (N, Tc, C), where h[:, j] predicts completion token j + 1. Exactly equal to running each
-        prompt + completion row on its own, with G times less work on the prompt.
-        """
+        """Speed-up, exact: (h_last (P, C), h (N, Tc, C)), each prompt's pass shared by its completions."""
         # self.forward, not self(): under FSDP this method is itself the hooked entry point
         # (plumbing/parallel.py), and a nested hooked call would free the weights on its way out
         hp, prompt_kv = self.forward(prompt_ids, return_kv=True)  # (P, Tp, C); per layer (k, v) (P, nkv, Tp, hd)
@@ -362,6 +384,99 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "special_tokens_map.json")
+
+
+class Tokenizer:
+    """tokenizer.json through `tokenizers`, special tokens and stop ids from the config files.
+
+    Chat formatting is hand-written for the two families we support ("chatml": Qwen2.5, SmolLM2,
+    our demo model; "llama3": Llama 3.x headers) and equals what their templates print for
+    system/user/assistant turns; `chat_format` is guessed from the template text.
+    """
+
+    def __init__(self, path):
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise CheckpointError(f"{path / 'tokenizer.json'}: file not found")
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception for a cut or malformed file
+            raise CheckpointError(f"{path / 'tokenizer.json'}: unreadable ({e})") from None
+        cfg = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        template = cfg.get("chat_template") or ""
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        self.chat_format = "llama3" if "<|start_header_id|>" in template else "chatml"
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        stops = gen.get("eos_token_id", [])
+        stops = set(stops if isinstance(stops, list) else [stops])
+        turn_end = "<|im_end|>" if self.chat_format == "chatml" else "<|eot_id|>"
+        for t in (self.eos_token, turn_end):
+            if t and self.tok.token_to_id(t) is not None:
+                stops.add(self.tok.token_to_id(t))
+        if not stops:
+            raise CheckpointError(f"{path}: no eos token in tokenizer_config.json or generation_config.json")
+        self.stop_ids = tuple(sorted(stops))
+        # The token that closes an assistant turn in the chat format: what SFT teaches the model to end
+        # a trace with. Not min(stop_ids): Qwen2.5 stops on [<|im_end|>, <|endoftext|>] and Llama 3 on
+        # [<|end_of_text|>, <|eot_id|>], but their chat templates close a turn with <|im_end|> / <|eot_id|>.
+        turn_end_id = self.tok.token_to_id(turn_end)
+        eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.turn_end_id = next(i for i in (turn_end_id, eos_id, self.stop_ids[0]) if i is not None)
+        pad = _token_text(cfg.get("pad_token"))
+        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None \
+            else self.stop_ids[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def check_fits(self, embedding_rows: int, path) -> None:
+        """Refuse a tokenizer whose ids reach past the model's embedding (an IndexError at the first
+        forward pass otherwise). Fewer tokens than rows is normal: vocabularies are padded."""
+        if self.vocab_size > embedding_rows:
+            raise CheckpointError(f"{path}: the tokenizer has {self.vocab_size} tokens but the model's embedding "
+                                  f"only {embedding_rows} rows (config.json vocab_size): a tokenizer from another "
+                                  "model?")
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens are written into the text by the chat format, so none are added here
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Format [{"role", "content"}, ...] as the model's chat template would."""
+        if self.chat_format == "llama3":
+            out = self.bos_token or "<|begin_of_text|>"
+            for m in messages:
+                out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _read_json(f: Path) -> dict:
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
+def _token_text(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+# -----------------------------------------------------------------------------
 # Sampling
 
 
@@ -369,7 +484,7 @@ class Transformer(nn.Module):
 class SamplingConfig:
     """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -386,10 +501,6 @@ class Generation:
     truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without a stop token
     prompt_index: torch.Tensor  # (N,) which prompt each row continues
 
-    @property
-    def stop_reason(self) -> list[str]:
-        return ["length" if t else "stop" for t in self.truncated.tolist()]
-
     def completions(self) -> list[list[int]]:
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
@@ -403,13 +514,13 @@ class KVCache:
     lengths: torch.Tensor  # (B,)
 
     @staticmethod
-    def empty(cfg: ModelConfig, batch: int, size: int, dtype, device) -> "KVCache":
+    def empty(cfg: ModelConfig, batch: int, size: int, dtype, device) -> KVCache:
         shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
         return KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
                        [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
                        torch.zeros(batch, dtype=torch.long, device=device))
 
-    def repeat_rows(self, n: int) -> "KVCache":
+    def repeat_rows(self, n: int) -> KVCache:
         """Each row copied n times (row i -> rows i*n .. i*n+n-1): one prefill serves G samples."""
         return KVCache([k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v],
                        self.lengths.repeat_interleave(n, 0))
@@ -441,21 +552,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def head_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
-    """(N, C) hidden states at each row's last position -> (N, V) fp32 logits, as model.logits(h).
-    The 151k-row head is most of a decode step. For a few rows MKL's fp32 GEMM runs ~2x faster as
-    W @ h^T than as h @ W^T (what F.linear asks for): measured 8 rows 126 vs 238 ms; equal at ~64 rows."""
+    """Speed-up of model.logits(h).float() (equal up to fp32 rounding): (N, C) -> (N, V) fp32 logits."""
     w = model.output_weight
     if h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[0] <= 32:
         return (w @ h.T).T.contiguous()
     return model.logits(h).float()
 
 
+def sample_plain(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, V) log-probs -> (N,) one token per row, drawn from exp(logp)."""
+    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+
+
 def sample_tokens(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N, V) log-probs -> (N,) one token per row, drawn by inverse CDF: one uniform number per row,
-    located in the row's cumulative distribution (fp64, so it equals exp(logp) to ~1e-16).
-    Same distribution as torch.multinomial, which on CPU draws one exponential per vocabulary entry:
-    10x slower: ~40 ms a step for 8 rows x 151k tokens on one core, where the 0.5B-shape decode
-    step itself takes ~200 ms."""
+    """Speed-up of sample_plain, the same distribution: one uniform number per row, found in the row's
+    cumulative distribution (fp64, equal to exp(logp) to ~1e-16). (N, V) log-probs -> (N,) tokens."""
     cdf = logp.exp().double().cumsum(-1)  # (N, V); flat across filtered (-inf) tokens
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
     nxt = torch.searchsorted(cdf, u, right=True).squeeze(1)  # first index whose cdf exceeds u: p > 0
@@ -496,8 +607,11 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     for t in range(T):
         logits = last.float()
         if cfg.temperature > 0:
-            logp = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
-            nxt = sample_tokens(logp, generator)
+            logits = logits / cfg.temperature
+            if cfg.top_k or cfg.top_p < 1.0:  # the nucleus of the tempered distribution
+                logits = filter_logits(logits, cfg.top_k, cfg.top_p)
+            logp = logits.log_softmax(-1)
+            nxt = sample_tokens(logp, generator)  # as sample_plain(logp, generator), 10x faster on a CPU
         else:
             logp = logits.log_softmax(-1)
             nxt = logits.argmax(-1)

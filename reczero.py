@@ -178,12 +178,8 @@ class ParsedOutput:
 
 
 def parse_output(text: str, scale: tuple[float, float] = RATING_SCALE) -> ParsedOutput:
-    """Check the four-block format and read the rating; linear time, never raises on any str.
-
-    Valid iff every tag occurs exactly once, the blocks come in order user -> item -> match -> rate without
-    overlap, the first three are non-empty, and the rate content is a plain decimal within `scale`
-    (the data's rating scale: 1-5, or 0.5-5 for MovieLens 20M).
-    """
+    """Check the four-block format and read the rating (linear time, never raises): each tag exactly once,
+    in order, the first three blocks non-empty, the rate a plain decimal within `scale`."""
     positions = []
     for tag in (t for pair in TAG_PAIRS for t in pair):
         count = text.count(tag)  # "<rate>" is not a substring of "</rate>", so counts never overlap
@@ -248,10 +244,8 @@ class Reward:
 
 
 def compute_reward(text: str, truth: float, cfg: RewardConfig = RewardConfig()) -> Reward:
-    """R = R_format + R_answer (RecZero paper). Invalid -> -a; valid -> [a + 1 - span/max_error, a + 1]
-    where span is the scale's width (truth and rating both on cfg.scale); an invalid output gets
-    R_answer = 0, as in the released code.
-    """
+    """R = R_format + R_answer (RecZero paper): -a when the format fails (R_answer = 0, as in the released
+    code), else a + 1 - |y - y_hat| / max_error."""
     parsed = parse_output(text, cfg.scale)
     if not parsed.valid:
         return Reward(-cfg.format_reward, -cfg.format_reward, 0.0, False, None)
@@ -262,6 +256,19 @@ def compute_reward(text: str, truth: float, cfg: RewardConfig = RewardConfig()) 
 # ---------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------
+
+
+def rollout_metrics(rewards: list[Reward], truths: list[float], prompt_index, completion_lengths) -> dict:
+    """A step's rollouts as the task sees them (reward parts, format share, training MAE): rewards[r] is row
+    r's Reward, truths[p] prompt p's rating; prompt_index, completion_lengths (N,) (grpo.RolloutBatch's)."""
+    rows = [(r, truths[p]) for r, p in zip(rewards, prompt_index.tolist())]
+    errors = [abs(r.rating - y) for r, y in rows if r.valid]
+    return {"reward_std": float(np.std([r.total for r in rewards])),
+            "reward_format": float(np.mean([r.format for r in rewards])),
+            "reward_answer": float(np.mean([r.answer for r in rewards])),
+            "format_valid": len(errors) / len(rewards),
+            "train_mae": float(np.mean(errors)) if errors else math.nan,
+            "response_length_max": int(completion_lengths.max())}
 
 
 @dataclass

@@ -85,7 +85,7 @@ def run(mode: str, cfg: ModelConfig, part: grpo.RolloutBatch, args, dist, comput
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(args.device.split(":")[0], dtype=compute, enabled=compute != torch.float32):
-            m = grpo.grpo_update(model, opt, part, gcfg, all_reduce=dist.all_reduce)
+            m = grpo.grpo_update(model, opt, part, gcfg, ranks=dist)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -63,10 +63,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import build_examples, split_by_time  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Tokenizer, Transformer  # noqa: E402
 from plumbing.checkpoints import save_model  # noqa: E402
 from plumbing.synthetic import SyntheticConfig, make_synthetic  # noqa: E402
-from plumbing.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from plumbing.tokenizer import train_bpe  # noqa: E402
 from reczero import PromptCaps, build_messages, compute_reward, render_user_message  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def peak_rss_mb() -> float:
 
 
 def worker_ours(d: Path, task: dict, steps: int) -> dict:
-    from grpo import GRPOConfig, grpo_update, rollout_from_generation
+    from grpo import GRPOConfig, grpo_update, rollout_batch
     from model import SamplingConfig, generate
     from plumbing.checkpoints import load_model
 
@@ -158,7 +158,7 @@ def worker_ours(d: Path, task: dict, steps: int) -> dict:
         t0 = time.perf_counter()
         out = generate(model, [prompt], scfg, num_samples=size.group, generator=gen, pad_id=tok.pad_id)
         rewards = [compute_reward(tok.decode(c), task["truth"]).total for c in out.completions()]
-        grpo_update(model, opt, rollout_from_generation([prompt], out, rewards, tok.pad_id), gcfg)
+        grpo_update(model, opt, rollout_batch([prompt], out, rewards, tok.pad_id), gcfg)
         if step:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
             lengths += out.lengths.tolist()

@@ -29,10 +29,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 import lora
-from model import CheckpointError, ModelConfig, Transformer, rope_inv_freq
+from model import (
+    TOKENIZER_FILES,
+    CheckpointError,
+    ModelConfig,
+    Transformer,
+    rope_inv_freq,
+)
 from plumbing import parallel
 from plumbing.runs import WriteError, written_dir
-from plumbing.tokenizer import TOKENIZER_FILES
 
 # -----------------------------------------------------------------------------
 # Hugging Face checkpoint folders
@@ -177,7 +182,8 @@ class TrainerState:
     """What a resumed run needs besides the weights and AdamW's moments (kept in trainer_state.json)."""
 
     step: int = 0  # GRPO steps taken
-    cold_start: dict | None = None  # test metrics of the model GRPO started from (a RatingMetrics as a dict)
+    start_test: dict | None = None  # test metrics of the model GRPO started from (a RatingMetrics as a dict):
+    # the cold start in RecOne, the given model in RecZero
     start_model: str | None = None  # the frozen reference policy for --beta > 0: the cold start or --model
     best: BestSoFar | None = None
     data_fingerprint: str | None = None  # experiment.fingerprint of the task it trained on
@@ -185,11 +191,12 @@ class TrainerState:
     sft_traces: str | None = None  # the cold-start traces (JSONL), so a resumed SFT needs no teacher
 
     @staticmethod
-    def read(path) -> "TrainerState":
+    def read(path) -> TrainerState:
         """The TrainerState in `path/trainer_state.json`."""
         saved = read_trainer_state(path)
         best = saved.get("best")
-        return TrainerState(saved["step"], saved.get("cold_start"), saved.get("start_model"),
+        start_test = saved.get("start_test", saved.get("cold_start"))  # "cold_start" before 2026-12
+        return TrainerState(saved["step"], start_test, saved.get("start_model"),
                             BestSoFar(**best) if best else None, saved.get("data_fingerprint"),
                             saved.get("sft_step"), saved.get("sft_traces"))
 
@@ -211,6 +218,7 @@ _STATE_FIELDS = {
     "param_groups": (lambda v: isinstance(v, list), "a list"),
     "args": (lambda v: isinstance(v, dict), "an object of flags"),
     "sft_step": (lambda v: v is None or _count(v), "a whole number >= 0 or null"),
+    "start_test": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "cold_start": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "best": (lambda v: v is None or _best(v), "null or {step, mae, path}"),
     **{name: (lambda v: v is None or isinstance(v, str), "a string or null")

@@ -2,7 +2,7 @@
 
 A flag is declared once, as a RunConfig field: `--clip-low` is `clip_low`, and the config dataclasses
 of the stages (grpo.GRPOConfig, train.SFTConfig, model.SamplingConfig) use the same field names, so
-`pick(GRPOConfig, cfg)` builds them without renaming anything. A field whose default differs between
+`from_flags(GRPOConfig, cfg)` builds them without renaming anything. A field whose default differs between
 the paper's setting (a real checkpoint, `--model`) and the CPU demo (no `--model`) carries both;
 parse_args applies the one that fits and `--help` shows both. A numeric field also says which values
 make sense (`Range`); check_args refuses any other, and bad paths, before any work starts: one line
@@ -30,8 +30,8 @@ from grpo import LOSS_AGG_MODES
 from lora import TARGETS as LORA_TARGETS
 from model import CheckpointError
 from plumbing.checkpoints import read_trainer_state
-from plumbing.runs import lock_holder, recover
 from plumbing.readers import FORMATS
+from plumbing.runs import lock_holder, recover
 from reczero import REWARD_PRESETS, SHORT_SYSTEM_PROMPT, PromptCaps, full_system_prompt
 
 _UNSET = object()
@@ -197,7 +197,7 @@ def lora_targets(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
 
 
-def pick(cls, cfg: RunConfig, **extra):
+def from_flags(cls, cfg: RunConfig, **extra):
     """An instance of the dataclass `cls` with each field that RunConfig also has taken from cfg."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **extra)

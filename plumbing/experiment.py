@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import Example, build_examples, count_duplicates, drop_duplicates, split_by_time
-from model import CheckpointError, ModelConfig, Transformer
+from data import (
+    Example,
+    build_examples,
+    count_duplicates,
+    drop_duplicates,
+    split_by_time,
+)
+from model import CheckpointError, ModelConfig, Tokenizer, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_config, load_model
 from plumbing.cli import RunConfig, fail, lora_targets
@@ -22,8 +28,15 @@ from plumbing.parallel import Distributed
 from plumbing.readers import load_ratings
 from plumbing.report import EVAL_BATCH
 from plumbing.synthetic import SyntheticConfig, make_synthetic
-from plumbing.teachers import HeuristicTeacher, ModelTeacher, Trace, TraceFidelity, build_cold_start, load_traces
-from plumbing.tokenizer import Tokenizer, train_bpe
+from plumbing.teachers import (
+    HeuristicTeacher,
+    ModelTeacher,
+    Trace,
+    TraceFidelity,
+    build_cold_start,
+    load_traces,
+)
+from plumbing.tokenizer import train_bpe
 from reczero import Prompter, render_user_message
 
 # -----------------------------------------------------------------------------
@@ -101,12 +114,17 @@ def demo_tokenizer(task: TaskData, prompter_settings, out: Path, rank: int) -> P
     return tok_dir
 
 
+def demo_config(vocab_size: int, eos: int) -> ModelConfig:
+    """The tiny Qwen2 architecture of the demo (0.54M parameters with a 2k vocabulary)."""
+    return ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True, max_position_embeddings=4096,
+                       eos_token_id=eos)
+
+
 def demo_model(vocab_size: int, eos: int, seed: int) -> Transformer:
-    """The tiny Qwen2-architecture model of the demo (0.54M parameters with a 2k vocabulary)."""
+    """The demo's model (demo_config) with random weights drawn from `seed`."""
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(arch="qwen2", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
-                                   max_position_embeddings=4096, eos_token_id=eos))
+    return Transformer(demo_config(vocab_size, eos))
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Running as one of N processes (torchrun): data parallel, and FSDP for models that outgrow one GPU.
 
+`Distributed` answers what the lesson asks of the other ranks (grpo.grpo_update's `ranks`: sums,
+the verdict on finiteness, shards); a run of one process gets runs.OneProcess instead, whose every
+answer is trivial.
+
 Data parallel (the default under torchrun): every rank holds the whole model, samples its share of a
-step's prompts and adds its gradient to the others' (grpo.grpo_update's all_reduce).
+step's prompts and adds its gradient to the others' (Distributed.sum_gradients).
 
 FSDP (--fsdp): PyTorch's own fully_shard (FSDP2) splits every parameter, its gradient and AdamW's
 moments into N row shards, one per rank, so each GPU holds 1/N of them. Each decoder block is one
@@ -18,7 +22,7 @@ GPUs, see shard()). Four places need more than that:
   rank's short share with zero-weight micro-batches (train.sft), and a micro-batch without a single
   loss token still runs its backward (grpo.token_logprobs).
 - A pass without backward (the KL reference, pi_old for mu > 1) must free the root unit itself,
-  which otherwise stays gathered until a backward (grpo._batch_logprobs calls reshard()).
+  which otherwise stays gathered until a backward (grpo._scored calls Distributed.free).
 - Checkpoints stay one plain Hugging Face folder: `full_state_dict` gathers each tensor in turn,
   rank 0 keeps it on the CPU and writes the folder; the others only take part in the gathers.
   Loading is the reverse: every rank reads the full file and keeps its own shard (`shard_like`).
@@ -37,8 +41,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from plumbing.runs import OneProcess
 
 
 @dataclass
@@ -60,6 +71,44 @@ class Distributed:
         """x summed over all ranks."""
         return self.all_reduce(torch.tensor([x], dtype=torch.float64, device=self.device)).item()
 
+    def all_agree(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank: one decision for all (to step or not), or their next
+        collectives would not pair up."""
+        return self.sum(float(not ok)) == 0
+
+    def sum_gradients(self, params) -> None:
+        """Data parallel: each rank holds the gradient of its part of one sum-normalised loss; add the
+        parts. FSDP's backward has already summed the gradients of sharded parameters (DTensors)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if isinstance(p, DTensor):
+                continue
+            if p.grad is None:  # a rank may not have touched every parameter; it must still join
+                p.grad = torch.zeros_like(p)
+            self.all_reduce(p.grad)
+
+    def scalar(self, t: torch.Tensor) -> float:
+        """A one-element tensor's value; under FSDP the grad norm is a DTensor of per-shard parts, which
+        full_tensor() combines."""
+        return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+    def all_finite(self, params) -> bool:
+        """Whether every weight in `params` is finite, on every rank (FSDP: each rank checks its shards).
+        One device sync for all tensors, not one per tensor."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+        return self.scalar(self.all_reduce(bad)) == 0
+
+    def free(self, model) -> None:
+        """FSDP frees the root unit's weights in backward: after a pass without one, free them here."""
+        if is_sharded(model):
+            model.reshard()
+
+    def gathered(self, model):
+        """`gathered(model)` below: the whole model for a block whose forwards differ between ranks."""
+        return gathered(model)
+
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
@@ -73,11 +122,11 @@ class Distributed:
         return [x for p in parts for x in p]
 
 
-def setup_distributed(device: str, fsdp: bool = False) -> Distributed:
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs."""
+def setup_distributed(device: str, fsdp: bool = False):
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs; one process gets runs.OneProcess."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 and not fsdp:
-        return Distributed(device=device)
+        return OneProcess(device=device)
     # 30 minutes (NCCL's default is 10): the other ranks wait in their next collective while rank 0
     # writes a checkpoint, and a 7B model with its AdamW moments is ~90 GB
     torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",

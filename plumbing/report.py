@@ -1,5 +1,5 @@
-"""Evaluation and reporting: greedy scoring of a model, a step's rollout metrics, the results table,
-the run log and its curves.
+"""Evaluation and reporting: greedy scoring of a model, its per-example predictions and paired intervals,
+the results table and the run's curves.
 
 Evaluation decodes greedily (the paper's setting) and scores an unparsable output with a fallback
 prediction rather than dropping it or, as the released code did, counting it as perfect.
@@ -7,23 +7,25 @@ prediction rather than dropping it or, as the released code did, counting it as 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import RATING_SCALE
-from grpo import RolloutBatch
 from model import SamplingConfig, generate
 from plumbing.parallel import Distributed, gathered
-from plumbing.runs import WriteError, written_file
-from reczero import Interval, RatingMetrics, Reward, paired_bootstrap, parse_output, rating_metrics
-
+from plumbing.runs import written_file
+from reczero import (
+    Interval,
+    RatingMetrics,
+    paired_bootstrap,
+    parse_output,
+    rating_metrics,
+)
 
 EVAL_BATCH = 64  # examples decoded at once by evaluate (the memory plan counts their KV cache)
 
@@ -121,87 +123,6 @@ def describe(m: RatingMetrics) -> str:
         line += (f" | agrees with the teacher: category {f['category']:.0%} taste {f['taste']:.0%} "
                  f"reception {f['reception']:.0%} rating {f['rating']:.0%}; consistent {f['consistent']:.0%}")
     return line
-
-
-def rollout_metrics(rewards: list[Reward], truths: list[float], batch: RolloutBatch) -> dict:
-    """The task's view of one step's rollouts: reward spread and parts, format-valid share, training
-    MAE and the longest completion. rewards[r] is row r's Reward, truths[p] prompt p's true rating
-    (grpo_update already reports reward_mean, response_length_mean and truncated_frac)."""
-    rows = [(r, truths[p]) for r, p in zip(rewards, batch.prompt_index.tolist())]
-    errors = [abs(r.rating - y) for r, y in rows if r.valid]
-    return {"reward_std": float(np.std([r.total for r in rewards])),
-            "reward_format": float(np.mean([r.format for r in rewards])),
-            "reward_answer": float(np.mean([r.answer for r in rewards])),
-            "format_valid": len(errors) / len(rewards),
-            "train_mae": float(np.mean(errors)) if errors else math.nan,
-            "response_length_max": int(batch.completion_lengths.max())}
-
-
-class RunLog:
-    """metrics.jsonl (one JSON object per line, flushed at once) and samples.txt, rank 0 only.
-
-    Resuming at GRPO step k keeps the records up to step k and drops any written after the
-    checkpoint, the baselines (the resumed run logs them again) and a partial line left by a killed
-    run. Resuming in the cold-start SFT at batch b (`resume_sft_batch`) keeps only the cold start's
-    record and the SFT epochs that ended by batch b: everything after them is done again. The kept
-    records are rewritten whole (runs.written_file), so a failed write loses none of them; a record
-    that cannot be written (a full disk) is a WriteError naming the file."""
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None, resume_sft_batch: int | None = None):
-        self.enabled = enabled
-        if enabled:
-            self.path, self.samples_path = out / "metrics.jsonl", out / "samples.txt"
-            kept = []
-            if resume_step is not None and self.path.exists():
-                for line in open(self.path, encoding="utf-8", errors="replace"):
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # cut off by a kill mid-write
-                        continue
-                    if resume_sft_batch is not None:  # resumed in the cold start: GRPO has not started
-                        keep = record.get("stage") == "cold_start" or (
-                            record.get("stage") == "sft" and record.get("batch", 0) <= resume_sft_batch)
-                    else:
-                        keep = record.get("step", 0) <= resume_step and record.get("stage") != "baseline"
-                    if keep:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            with written_file(self.path) as f:
-                f.writelines(kept)
-            self.metrics = self._open(self.path, "a")
-            self.samples, self.samples_mode = None, "a" if resume_step is not None else "w"  # opened when used
-
-    @staticmethod
-    def _open(path: Path, mode: str):
-        try:
-            return open(path, mode, encoding="utf-8")
-        except OSError as e:
-            raise WriteError(f"{path}: could not be opened for writing: {e.strerror}") from None
-
-    def _write(self, f, path: Path, text: str):
-        try:
-            f.write(text)
-            f.flush()
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                f.close()  # drops what could not be written, so exiting does not try it again
-            raise WriteError(f"{path}: could not be written: {e.strerror or e}") from None
-
-    def __call__(self, record: dict):
-        if self.enabled:
-            self._write(self.metrics, self.path, json.dumps(record) + "\n")
-
-    def sample(self, step: int, examples, texts: list[str], rewards: list[Reward], prompt_index: list[int],
-               k: int = 2):
-        """Append the first completion of each of the first k prompts to samples.txt."""
-        if self.enabled:
-            first = {}
-            for row, p in enumerate(prompt_index):
-                first.setdefault(p, row)
-            if self.samples is None:
-                self.samples = self._open(self.samples_path, self.samples_mode)
-            text = "".join(f"=== step {step} | truth {examples[p].label:g} | reward {rewards[first[p]].total:.3f}\n"
-                           f"{texts[first[p]]}\n" for p in sorted(first)[:k])
-            self._write(self.samples, self.samples_path, text)
 
 
 FIDELITY_FIELDS = ("category", "taste", "reception", "rating", "consistent")

@@ -304,3 +304,24 @@ def test_resume_overrides_that_cannot_work_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(["--resume", str(tmp_path), *args])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["grpo.GRPOConfig", "train.SFTConfig", "model.SamplingConfig"])
+def test_a_stage_config_and_its_flags_have_one_default(config):
+    """Each field a stage's dataclass shares with RunConfig has the flag's default (the paper's), so a
+    stage built in a test or a notebook behaves as `python train.py --model M` would; the fields that
+    are not flags are the ones the dataclass's docstring names."""
+    import dataclasses
+    import importlib
+
+    from plumbing.cli import RunConfig
+
+    module, name = config.split(".")
+    cls = getattr(importlib.import_module(module), name)
+    flags = {f.name: f for f in dataclasses.fields(RunConfig)}
+    fields = dataclasses.fields(cls)
+    assert [f.name for f in fields if f.name in flags and f.default != flags[f.name].default] == []
+    not_flags = {f.name for f in fields} - set(flags)
+    assert not_flags == {"GRPOConfig": {"adv_eps", "logprob_chunk", "share_prompt"}, "SFTConfig": set(),
+                         "SamplingConfig": {"stop_ids"}}[name]
+    assert all(n in (cls.__doc__ or "") for n in not_flags if name == "GRPOConfig")

@@ -38,8 +38,8 @@ def make_rollout(n_prompts: int = 4, samples: int = 4) -> RolloutBatch:
     prompts = [PROMPTS[i % 3][: 13 - i] for i in range(n_prompts)]
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(n_prompts * samples, generator=torch.Generator().manual_seed(1))
-    batch = grpo.rollout(model, prompts, lambda i, c: 0.0, SamplingConfig(max_new_tokens=8, temperature=1.0),
-                         samples, g)
+    gen = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=1.0), samples, g)
+    batch = grpo.rollout_batch(prompts, gen, [0.0] * len(gen.lengths))
     return _with_rewards(batch, rewards)
 
 
@@ -78,7 +78,7 @@ def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank
     part = rank_rows(batch, dist.rank, dist.world)
     norms = []
     for _ in range(steps):
-        m = grpo_update(model, opt, part, cfg, ref, all_reduce=dist.all_reduce if dist.world > 1 else None)
+        m = grpo_update(model, opt, part, cfg, ref, ranks=dist)
         assert m["weights_finite"] == 1.0 and m["skipped"] == 0.0
         norms.append(m["grad_norm"])
     if dist.fsdp:  # no-grad passes (pi_old for mu > 1, the reference) leave no unit gathered
@@ -93,7 +93,7 @@ def grpo_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig, lora_rank
 
 
 @pytest.mark.parametrize("lora_rank,checkpointing,micro_batch,max_grad_norm,mu,beta",
-                         [(0, False, None, 1e9, 1, 0.0), (0, False, 5, 0.05, 2, 0.1), (4, True, 3, 1e9, 1, 0.0)])
+                         [(0, False, 1000, 1e9, 1, 0.0), (0, False, 5, 0.05, 2, 0.1), (4, True, 3, 1e9, 1, 0.0)])
 def test_sharded_grpo_steps_match_one_process(tmp_path, lora_rank, checkpointing, micro_batch, max_grad_norm,
                                               mu, beta):
     """Full fine-tuning (tied embedding, shared prompt passes) unclipped; clipped by the global norm with
@@ -155,14 +155,14 @@ def save_and_resume(dist: Distributed, batch: RolloutBatch, out: str) -> dict[st
     cfg = GRPOConfig(max_new_tokens=8)
     part = rank_rows(batch, dist.rank, dist.world)
     model, opt = build(resume=False)
-    grpo_update(model, opt, part, cfg, all_reduce=dist.all_reduce)
+    grpo_update(model, opt, part, cfg, ranks=dist)
     save_checkpoint(Path(out), model, None, opt, TrainerState(step=1), {})
     dist.barrier()  # rank 0 writes; the others read it next
     before, saved = full_optimizer_state(opt)["state"], full_state_dict(model)
     model2, opt2 = build(resume=True)
     after = full_optimizer_state(opt2)["state"]
     for m, o in ((model, opt), (model2, opt2)):
-        grpo_update(m, o, part, cfg, all_reduce=dist.all_reduce)
+        grpo_update(m, o, part, cfg, ranks=dist)
     weights, weights2 = full_state_dict(model), full_state_dict(model2)
     if dist.rank != 0:
         return {}
@@ -245,7 +245,7 @@ def untied_step(dist: Distributed, batch: RolloutBatch, cfg: GRPOConfig) -> dict
         shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grpo_update(model.train(), opt, rank_rows(batch, dist.rank, dist.world), cfg,
-                all_reduce=dist.all_reduce if dist.world > 1 else None)
+                ranks=dist)
     return full_state_dict(model) or {}
 
 
@@ -274,7 +274,7 @@ def bf16_lora_step(dist: Distributed, batch: RolloutBatch) -> dict[str, torch.Te
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = grpo_update(model.train(), opt, rank_rows(batch, dist.rank, dist.world), GRPOConfig(max_new_tokens=8),
-                        all_reduce=dist.all_reduce if dist.world > 1 else None)
+                        ranks=dist)
     assert m["weights_finite"] == 1.0
     dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
     assert dtypes == {torch.float32}, dtypes  # the adapters stay fp32 where they are kept

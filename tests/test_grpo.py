@@ -19,7 +19,8 @@ from grpo import (
     group_advantages,
     grpo_update,
     kl_estimate,
-    rollout_from_generation,
+    plain_token_logprobs,
+    rollout_batch,
     token_logprobs,
 )
 from model import Generation, SamplingConfig, generate
@@ -71,7 +72,7 @@ def test_advantages_worked_example():
     # A = 0.6 / 0.5477226 = 1.0954451, -0.4 / 0.5477226 = -0.7302967 (eps 1e-6 changes the 7th digit)
     out = group_advantages(torch.tensor([1.0, 1, 0, 0, 0]), torch.zeros(5, dtype=torch.long))
     expected = torch.tensor([1.0954451, 1.0954451, -0.7302967, -0.7302967, -0.7302967])
-    torch.testing.assert_close(out.advantages, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values, expected, atol=1e-5, rtol=0)
     assert out.frac_zero_std_groups == 0.0
 
 
@@ -80,8 +81,8 @@ def test_equal_rewards_give_exact_zero_and_are_counted():
     rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 0.7])
     index = torch.tensor([0, 0, 0, 1, 1, 2])  # group 2 has a single sample
     out = group_advantages(rewards, index)
-    assert torch.equal(out.advantages[[0, 1, 2, 5]], torch.zeros(4))
-    assert out.advantages[3] > 0 > out.advantages[4]
+    assert torch.equal(out.values[[0, 1, 2, 5]], torch.zeros(4))
+    assert out.values[3] > 0 > out.values[4]
     assert out.frac_zero_std_groups == pytest.approx(2 / 3)
 
 
@@ -89,14 +90,14 @@ def test_advantage_scale_modes_two_groups():
     """group / batch / none scaling on two groups: [1, 0] (prompt 0) and [2, 0] (prompt 1)."""
     rewards, index = torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([0, 0, 1, 1])
     # none: subtract group means 0.5 and 1.0 -> [0.5, -0.5, 1, -1]
-    none = group_advantages(rewards, index, adv_scale="none").advantages
+    none = group_advantages(rewards, index, adv_scale="none").values
     torch.testing.assert_close(none, torch.tensor([0.5, -0.5, 1.0, -1.0]))
     # group: std of [1, 0] = sqrt(0.5) = 0.7071, of [2, 0] = sqrt(2) = 1.4142 -> all +-0.7071
-    group = group_advantages(rewards, index, adv_scale="group").advantages
+    group = group_advantages(rewards, index, adv_scale="group").values
     torch.testing.assert_close(group, torch.tensor([0.7071063, -0.7071063, 0.7071065, -0.7071065]))
     # batch: mean 0.75, squared deviations 0.0625 + 0.5625 + 1.5625 + 0.5625 = 2.75,
     # std = sqrt(2.75 / 3) = 0.9574271 -> [0.5, -0.5, 1, -1] / 0.9574271
-    batch = group_advantages(rewards, index, adv_scale="batch").advantages
+    batch = group_advantages(rewards, index, adv_scale="batch").values
     torch.testing.assert_close(batch, torch.tensor([0.5222330, -0.5222330, 1.0444659, -1.0444659]))
 
 
@@ -106,8 +107,8 @@ def test_groups_follow_prompt_index_after_shuffle():
     rewards = torch.rand(12, generator=g)
     index = torch.arange(3).repeat_interleave(4)
     perm = torch.randperm(12, generator=g)
-    ref = group_advantages(rewards, index).advantages
-    shuffled = group_advantages(rewards[perm], index[perm]).advantages
+    ref = group_advantages(rewards, index).values
+    shuffled = group_advantages(rewards[perm], index[perm]).values
     torch.testing.assert_close(shuffled, ref[perm])
 
 
@@ -153,7 +154,7 @@ def test_ratio_one_gives_reinforce_gradient():
     """On-policy (old = logp detached) the gradient is -sum(A * grad logp * mask) / tokens."""
     policy, batch = MockPolicy(), make_batch()
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1])
-    A = group_advantages(batch.rewards, batch.prompt_index).advantages[:, None]
+    A = group_advantages(batch.rewards, batch.prompt_index).values[:, None]
     w = aggregation_weights(mask, "token-mean")
     logp, _ = token_logprobs(policy, batch.input_ids, mask)
     loss, *_ = clipped_surrogate(logp, logp.detach(), A)
@@ -250,7 +251,7 @@ def test_stop_token_in_mask_when_pad_is_eos():
         truncated=torch.tensor([False, True]),
         prompt_index=torch.tensor([0, 0]),
     )
-    batch = rollout_from_generation([[1, 2]], gen, [1.0, 0.0], pad_id=eos)
+    batch = rollout_batch([[1, 2]], gen, [1.0, 0.0], pad_id=eos)
     assert batch.input_ids[0].tolist() == [1, 2, 5, 6, eos, eos]
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1])
     assert mask[0].tolist() == [False, False, True, True, True, False]  # the eos at position 4 is in
@@ -381,7 +382,7 @@ def test_scorer_matches_sampler_at_temperature():
     prompts = [[3, 4, 5], [6, 7]]
     gen = generate(policy, prompts, SamplingConfig(max_new_tokens=6, temperature=0.7, stop_ids=(0,)),
                    num_samples=3, generator=torch.Generator().manual_seed(0))
-    batch = rollout_from_generation(prompts, gen, torch.zeros(6))
+    batch = rollout_batch(prompts, gen, torch.zeros(6))
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1])
     with torch.no_grad():
         logp, _ = token_logprobs(policy, batch.input_ids, mask, temperature=0.7)
@@ -403,7 +404,7 @@ def test_grpo_learns_to_emit_token_7():
         for step in range(30):  # seeds 0-5 all pass 0.9 by step 12
             gen = generate(policy, prompts, sampling, num_samples=8, generator=gen_rng)
             rewards = [float(target in c) for c in gen.completions()]
-            batch = rollout_from_generation(prompts, gen, rewards, pad_id=eos)
+            batch = rollout_batch(prompts, gen, rewards, pad_id=eos)
             metrics = grpo_update(policy, opt, batch, grpo_cfg)
             rewards_seen.append(metrics["reward_mean"])
             assert metrics["sampler_logp_absdiff"] < 1e-4  # the sampler and the trainer score tokens alike
@@ -417,14 +418,15 @@ def test_grpo_learns_to_emit_token_7():
 
 
 def test_shared_prompt_pass_equals_separate_rows():
-    """Scoring G rows through one shared prompt pass gives the same log-probs and gradients as row by row."""
+    """Scoring G rows through one shared prompt pass gives the same log-probs and gradients as row by row,
+    and as plain_token_logprobs."""
     policy = tiny_qwen()
     for p in policy.parameters():  # larger weights than the 0.02 init, so the check is not vacuous
         torch.nn.init.normal_(p, std=0.2)
     prompts = [[3, 4, 5, 9], [6, 7]]
     gen = generate(policy, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, stop_ids=(0,)),
                    num_samples=3, generator=torch.Generator().manual_seed(0))
-    batch = rollout_from_generation(prompts, gen, torch.zeros(6))
+    batch = rollout_batch(prompts, gen, torch.zeros(6))
     mask = completion_mask(batch.prompt_lengths, batch.completion_lengths, batch.input_ids.shape[1])
     results = []
     for grouped in (False, True):
@@ -437,6 +439,13 @@ def test_shared_prompt_pass_equals_separate_rows():
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(results[1][0], batch.sampler_logprobs, atol=1e-5, rtol=0)  # and the sampler's
+    # both equal the plain computation, whose (B, T, V) logits all live at once
+    policy.zero_grad()
+    logp, _ = plain_token_logprobs(policy, batch.input_ids, mask)
+    (logp * torch.arange(logp.numel()).view_as(logp)).sum().backward()
+    torch.testing.assert_close(logp.detach(), results[1][0], atol=1e-5, rtol=0)
+    for a, p in zip(results[1][1], policy.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-4)
 
 
 def _dp_update(dist, batch):
@@ -447,7 +456,7 @@ def _dp_update(dist, batch):
     part = RolloutBatch(*(getattr(batch, f)[rows] for f in ("input_ids", "prompt_lengths", "completion_lengths",
                                                               "truncated", "prompt_index", "rewards")))
     cfg = GRPOConfig(loss_agg="token-mean", max_grad_norm=0.5)  # clipping must see the global norm
-    grpo_update(policy, opt, part, cfg, all_reduce=dist.all_reduce)
+    grpo_update(policy, opt, part, cfg, ranks=dist)
     return {"weights": torch.cat([p.detach().flatten() for p in policy.parameters()])}
 
 

@@ -11,6 +11,7 @@ import grpo
 import lora
 import train
 from model import ModelConfig, Transformer
+from plumbing import stages
 from plumbing.memory import fits, plan_memory, teacher_bytes
 
 
@@ -141,7 +142,7 @@ def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, capsys):
 
 
 def test_a_run_that_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "device_bytes", lambda device: 1024**2)
+    monkeypatch.setattr(stages, "device_bytes", lambda device: 1024**2)
     with pytest.raises(SystemExit) as stop:
         train.main(["--synthetic-users", "150", "--threads", "1", "--out", str(tmp_path)])
     assert stop.value.code == 2 and "the device has 0.0 GiB" in capsys.readouterr().err

@@ -363,7 +363,8 @@ def test_a_damaged_trainer_state_is_one_line_naming_file_and_field(case, tmp_pat
 
 def test_a_cut_tokenizer_file_is_one_line(tmp_path):
     """A truncated tokenizer.json (an interrupted download) used to be the tokenizers library's traceback."""
-    from plumbing.tokenizer import Tokenizer, train_bpe
+    from model import Tokenizer
+    from plumbing.tokenizer import train_bpe
 
     train_bpe(["the user likes drama"] * 20, tmp_path / "tok", vocab_size=300)
     _truncate(tmp_path / "tok" / "tokenizer.json")

@@ -1,5 +1,6 @@
-"""Tests for plumbing/report.py: a step's rollout metrics and the sample log group rows by their prompt
-index (never by row order), and the results table shows what it is given."""
+"""Tests for reczero.rollout_metrics, plumbing/runs.RunLog and plumbing/report.py: a step's rollout metrics
+and the sample log group rows by their prompt index (never by row order), and the results table shows what
+it is given."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 
 from data import Example, Item, Rating
 from grpo import RolloutBatch
-from plumbing.report import RunLog, results_table, rollout_metrics
-from reczero import compute_reward, rating_metrics
+from plumbing.report import results_table
+from plumbing.runs import RunLog
+from reczero import compute_reward, rating_metrics, rollout_metrics
 
 
 def trace(rating: str) -> str:
@@ -31,7 +33,8 @@ def test_rollout_metrics_group_rows_by_prompt_index():
     index = [1, 0, 1, 0, 0]
     texts = [trace("5"), trace("2"), trace("4"), trace("2"), "no tags"]
     rewards = [compute_reward(t, truths[p]) for t, p in zip(texts, index)]
-    m = rollout_metrics(rewards, truths, shuffled_batch(index, [7, 3, 9, 4, 2]))
+    batch = shuffled_batch(index, [7, 3, 9, 4, 2])
+    m = rollout_metrics(rewards, truths, batch.prompt_index, batch.completion_lengths)
     # errors of the valid rows: |5-5|, |2-2|, |4-5|, |2-2| -> mean 0.25 (grouping by order would say 1.5)
     assert m["train_mae"] == pytest.approx(0.25)
     assert m["format_valid"] == pytest.approx(0.8)
@@ -44,7 +47,8 @@ def test_rollout_metrics_group_rows_by_prompt_index():
 def test_rollout_metrics_with_no_valid_output():
     """No parsable rating in the step: format_valid 0 and train_mae nan (not 0, which would flatter)."""
     rewards = [compute_reward("nothing", 3.0)] * 2
-    m = rollout_metrics(rewards, [3.0], shuffled_batch([0, 0], [1, 1]))
+    batch = shuffled_batch([0, 0], [1, 1])
+    m = rollout_metrics(rewards, [3.0], batch.prompt_index, batch.completion_lengths)
     assert m["format_valid"] == 0.0 and math.isnan(m["train_mae"])
 
 

@@ -11,6 +11,7 @@ import torch
 from data import Example, Item, Rating, build_examples, split_by_time
 from model import ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
+from plumbing.runs import Run
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import (
     HeuristicTeacher,
@@ -137,7 +138,8 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
     texts = ModelTeacher(model, prompter, max_new_tokens=8).write(test[:3], [None, 4.0, None])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     losses = []
-    sft(model, prompter, traces[:16], SFTConfig(sft_epochs=3, sft_lr=3e-3, sft_batch=8), log=losses.append)
+    sft(model, prompter, traces[:16], SFTConfig(sft_epochs=3, sft_lr=3e-3, sft_batch=8),
+        Run.alone(log=losses.append))
     assert losses[-1]["loss"] < losses[0]["loss"]
 
     # micro-batches of 3 rows give the gradient of the whole batch of 8: the loss is a mean over the
@@ -161,7 +163,7 @@ def test_model_teacher_and_sft_run_on_a_tiny_model(world, tmp_path):
         torch.manual_seed(0)
         student = Transformer(model.config)
         with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
-            sft(student, prompter, traces[:16], SFTConfig(sft_epochs=2, sft_lr=3e-3, sft_batch=8))
+            sft(student, prompter, traces[:16], SFTConfig(sft_epochs=2, sft_lr=3e-3, sft_batch=8), Run.alone())
         trained.append(student.state_dict())
     for name in trained[0]:
         assert torch.equal(trained[0][name], trained[1][name]), name

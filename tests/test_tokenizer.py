@@ -1,4 +1,4 @@
-"""Tests for plumbing/tokenizer.py: the real SmolLM2 tokenizer (when ../shared is present) round-trips text and
+"""Tests for model.Tokenizer and plumbing/tokenizer.py's BPE trainer: the real SmolLM2 tokenizer (when ../shared is present) round-trips text and
 formats chats exactly as its template does; a Llama 3 tokenizer gets the header format; errors name files."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from model import CheckpointError
-from plumbing.tokenizer import Tokenizer, train_bpe
+from model import CheckpointError, Tokenizer
+from plumbing.tokenizer import train_bpe
 
 TEXTS = ["Hello, world!", "  two spaces, a\ttab and a\nnewline ", "naïve café, Zürich, 東京, Ελληνικά",
          "emoji 🎬🍿👍🏽 ok", "<analyze user>likes jazz</analyze user>\n<analyze item>[pos] smooth</analyze item>\n"

@@ -13,6 +13,7 @@ from tiny_runs import TINY, metrics, varied_rewards
 
 import grpo
 import train
+from plumbing import stages
 from plumbing.checkpoints import load_model
 from plumbing.experiment import demo_model
 
@@ -373,7 +374,7 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
     assert seen == [0.25]
 
     # far too small to train (~290 MiB), enough to score (weights and the evaluation's KV cache, ~3 MiB)
-    monkeypatch.setattr(train, "device_bytes", lambda device: 4 * 1024**2)
+    monkeypatch.setattr(stages, "device_bytes", lambda device: 4 * 1024**2)
     train.main(["--resume", str(tiny_run / "checkpoint"), "--eval-only", "--out", str(tmp_path / "e")])
     assert "| model" in capsys.readouterr().out
 
