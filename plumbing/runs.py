@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -456,7 +457,6 @@ class Run:
     def alone(log: Callable = lambda record: None) -> "Run":
         """A Run for a loop called on its own (a notebook, a test): one process; records go to `log`;
         nothing is validated, saved or restored, and no signal stops it."""
-        from types import SimpleNamespace
 
         def nothing(*args):
             pass
