@@ -137,9 +137,9 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
             schedule.step()
             run.bar.update()
             run.bar.set_postfix(loss=f"{loss:.3f}")
+            record = {"stage": "sft", "epoch": epoch + 1, "batch": step, "loss": loss}
             epoch_end = i + cfg.sft_batch >= len(rows)  # the epoch's last batch is logged
-            run.after_sft_batch(model, optimizer, step, batches, loss, stepped,
-                                {"stage": "sft", "epoch": epoch + 1, "batch": step, "loss": loss} if epoch_end else None)
+            run.after_sft_batch(model, optimizer, step, batches, stepped, record if epoch_end else None)
     run.bar.close()
     model.eval()
 

@@ -87,7 +87,8 @@ def calls(flags: list[str]) -> tuple[collections.Counter, dict]:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
                 train.main(flags + ["--out", out])
         except SystemExit as e:
-            raise SystemExit(f"step_path.py: train.py stopped (exit {e.code}): {err.getvalue().strip()[-500:]}") from None
+            tail = err.getvalue().strip()[-500:]
+            raise SystemExit(f"step_path.py: train.py stopped (exit {e.code}): {tail}") from None
         finally:
             train.train_grpo = loop
     return counts, spans

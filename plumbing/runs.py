@@ -501,8 +501,7 @@ class Run:
 
     # -- the cold-start SFT (train.sft)
 
-    def after_sft_batch(self, model, optimizer, batch: int, batches: int, loss: float, stepped: bool,
-                        epoch_end: dict | None):
+    def after_sft_batch(self, model, optimizer, batch: int, batches: int, stepped: bool, epoch_end: dict | None):
         """After SFT batch `batch` of `batches`: check it, log the epoch's last batch (epoch_end, its
         record), save every --sft-save-every batches and at the end, stop when asked."""
         weights_ok = not stepped or self.ranks.all_finite([p for p in model.parameters() if p.requires_grad])
