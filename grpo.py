@@ -33,7 +33,7 @@ Choices and simplifications:
   carry skipped=1.0 and the remaining passes are abandoned. A step that leaves a weight non-finite
   is reported as weights_finite=0.0: the caller must not keep those weights.
 - Several processes: grpo_update asks `ranks` for everything that involves the other processes
-  (sums over ranks, gradient shards, the verdict on finiteness). Alone (plumbing/runs.OneProcess)
+  (sums over ranks, gradient shards, the verdict on finiteness). Alone (plumbing/bookkeeping.OneProcess)
   each of those calls returns its input; under torchrun plumbing/parallel.Distributed sums token
   counts, gradients and losses over the ranks, so N ranks take exactly the step one process would
   take on all their groups.
@@ -59,7 +59,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model import Generation, right_pad
-from plumbing.runs import OneProcess
+from plumbing.bookkeeping import OneProcess
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 

@@ -3,7 +3,7 @@
 Reading order for one GRPO step: train_grpo() below (Steps 1-7, numbered as in the README), then
 grpo.py (the batch, advantages, log-probs, clipped loss, aggregation, update), then model.py (the
 decoder, its sampler and tokenizer). The task (prompt, reward, metrics) is reczero.py. What a run does
-around the two loops (log, validate, save, stop) is one call per step into plumbing/runs.py; the
+around the two loops (log, validate, save, stop) is one call per step into plumbing/bookkeeping.py; the
 stages main() lists (build the run, cold start, GRPO, final test) are in plumbing/stages.py.
 
 `python train.py` with no arguments runs the embedded demo: synthetic data, a byte-level BPE trained
@@ -38,9 +38,9 @@ from tqdm import tqdm
 import grpo
 from model import SamplingConfig, generate, right_pad
 from plumbing import stages
+from plumbing.bookkeeping import Run
 from plumbing.cli import RunConfig, check_args, from_flags, parse_args
 from plumbing.experiment import TaskData
-from plumbing.runs import MAX_BAD_STEPS, NO_SIGNAL_STEPS, GracefulStop, Run  # noqa: F401  (tests use them from here)
 from plumbing.teachers import Trace
 from reczero import Prompter, compute_reward, reward_config, rollout_metrics
 
@@ -94,7 +94,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
     A run resumed in the SFT skips the run.state.sft_step batches done (the same seeded order is
     replayed) with AdamW's moments restored. Under torchrun every rank takes every ranks.world-th row
     of each batch and the gradients are summed, so N ranks take the one-process step. After each
-    batch `run` checks, logs, saves and stops (plumbing/runs.Run.after_sft_batch)."""
+    batch `run` checks, logs, saves and stops (plumbing/bookkeeping.Run.after_sft_batch)."""
     if not traces:
         raise ValueError("sft: no traces to train on")
     ranks, tok = run.ranks, prompter.tok
@@ -194,7 +194,7 @@ def train_grpo(model, ref_model, prompter: Prompter, task: TaskData, cfg: RunCon
         metrics = grpo.grpo_update(model, optimizer, batch, grpo_cfg, ref_model, ranks)
         metrics.update(rollout_metrics(rewards, [e.target.rating for e in examples], batch.prompt_index,
                                        batch.completion_lengths))
-        # Around the step: check, log, validate, save, stop (plumbing/runs.py)
+        # Around the step: check, log, validate, save, stop (plumbing/bookkeeping.py)
         run.after_step(model, optimizer, metrics, (t1 - t0, time.time() - t1), (examples, texts, rewards, batch))
 
 
@@ -220,7 +220,7 @@ def main(argv=None):
         elif not cfg.resume:  # RecZero: the starting model's test row
             stages.before_rl(s, model)
         stages.start_row(s)
-        train_grpo(model, stages.reference(s, model), s.prompter, s.task, cfg, run)
+        train_grpo(model, stages.reference(s), s.prompter, s.task, cfg, run)
         stages.final_test(s, model, rows)
 
 

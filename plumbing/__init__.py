@@ -3,10 +3,11 @@
 - stages.py: the stages train.main() runs (build the run, baselines, cold start, GRPO's surroundings,
   final test), the one way a model is loaded (LoRA, FSDP, gradient checkpointing), and session():
   folder, signals, autocast, torchrun, one line for an error a user can fix.
-- runs.py: what a run does around the lesson's loops (Run: log, validate, save, stop, divergence and
-  no-signal checks after each step; OneProcess: the other ranks when there are none), metrics.jsonl
-  (RunLog), signals (GracefulStop), one run per output folder (a lock, refusals, --eval-only's and
-  --dry-run's folders) and files written whole or not at all (a full disk is one line naming the file).
+- bookkeeping.py: what a run does around the lesson's loops (Run: log, validate, save, stop,
+  divergence and no-signal checks after each step), metrics.jsonl (RunLog), signals (GracefulStop),
+  and OneProcess: the other ranks when there are none.
+- runs.py: one run per output folder (a lock, refusals, --eval-only's and --dry-run's folders) and
+  files written whole or not at all (a full disk is one line naming the file).
 - cli.py: train.py's flags (RunConfig), their paper and demo defaults, and their checks.
 - experiment.py: assembling a run: data and baselines, the demo's tokenizer and model, the teacher's
   traces, the memory plan of the run.

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lora import add_lora
 from model import CheckpointError, Tokenizer
+from plumbing.bookkeeping import GracefulStop, Run, RunLog
 from plumbing.checkpoints import (
     BestSoFar,
     TrainerState,
@@ -59,15 +60,7 @@ from plumbing.report import (
     plot,
     results_table,
 )
-from plumbing.runs import (
-    FolderError,
-    GracefulStop,
-    Run,
-    RunLog,
-    WriteError,
-    run_folder,
-    write_text,
-)
+from plumbing.runs import FolderError, WriteError, run_folder, write_text
 from plumbing.teachers import Trace, TraceFidelity, load_traces, save_traces
 from reczero import Prompter, RatingMetrics
 
@@ -82,7 +75,7 @@ class Setup:
     weights_dtype: torch.dtype  # the weights' (fp32 master weights with --master-weights fp32)
     compute_dtype: torch.dtype  # autocast's, when it differs from weights_dtype
     stop: GracefulStop
-    ranks: object  # runs.OneProcess, or parallel.Distributed under torchrun
+    ranks: object  # bookkeeping.OneProcess, or parallel.Distributed under torchrun
     task: TaskData
     tok: Tokenizer
     tok_dir: Path  # where the tokenizer files are read from, and copied into every checkpoint
@@ -164,10 +157,10 @@ def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, 
                  log, trace_fidelity(cfg, task), start, phase)
 
 
-def policy(s: Setup, path: Path | None, adapters: Path | None = None, lora: bool = True):
+def policy(s: Setup, path: Path | None, adapters: Path | None = None, lora: bool = True, dtype=None):
     """The model to train or score, loaded from `path` (the demo's random weights when None): with
     LoRA adapters when --lora-rank > 0 and `lora` (fresh, or read from `adapters`), sharded with
-    --fsdp, gradient checkpointing as asked."""
+    --fsdp, gradient checkpointing as asked; in `dtype` when given."""
     cfg, fsdp = s.cfg, s.ranks.fsdp
     load_to = "cpu" if fsdp else s.device  # FSDP: whole on the CPU, then each rank's shard to its device
     if path is None:
@@ -175,7 +168,7 @@ def policy(s: Setup, path: Path | None, adapters: Path | None = None, lora: bool
     else:
         lora = lora and cfg.lora_rank > 0
         try:  # with LoRA the base is frozen: keep it in the compute dtype
-            model = load_model(path, s.compute_dtype if lora else s.weights_dtype, load_to)
+            model = load_model(path, dtype or (s.compute_dtype if lora else s.weights_dtype), load_to)
             if lora:
                 add_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg), seed=cfg.seed)
                 if adapters is not None:
@@ -228,7 +221,7 @@ def evaluate_only(s: Setup, model, rows) -> None:
 
 
 def run_around(s: Setup) -> Run:
-    """The Run the lesson's loops report to (plumbing/runs.py), with its callbacks into evaluation and
+    """The Run the lesson's loops report to (plumbing/bookkeeping.py), with its callbacks into evaluation and
     checkpoints."""
     cfg, state = s.cfg, s.state
 
@@ -290,15 +283,12 @@ def before_rl(s: Setup, model) -> None:
     s.state.start_test = asdict(score_test(s, model, "test_start", "test (before RL)"))
 
 
-def reference(s: Setup, model):
-    """The frozen KL reference for --beta > 0 (the starting model: the cold start or --model), else None."""
+def reference(s: Setup):
+    """The frozen KL reference for --beta > 0 (the starting model: the cold start or --model), else None.
+    Never trained, so it is held in the compute dtype (bf16 under fp32 master weights)."""
     if s.cfg.beta == 0:
         return None
-    device = model.embed_tokens.weight.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-        else model.embed_tokens.weight.dtype
-    ref = load_model(s.state.start_model, dtype, "cpu" if s.ranks.fsdp else device)
-    return (shard(ref, dtype, s.ranks.device) if s.ranks.fsdp else ref).requires_grad_(False)
+    return policy(s, Path(s.state.start_model), lora=False, dtype=s.compute_dtype).requires_grad_(False)
 
 
 def start_row(s: Setup) -> None:

@@ -207,11 +207,11 @@ def test_real_ratings_quick(tmp_path, capsys):
 def test_one_grpo_step_runs_through_the_lesson_files_only():
     """benchmarks/step_path.py on a small demo: every function one more GRPO step calls lives in the lesson
     (train.py, grpo.py, model.py), the task (reczero.py) or the one plumbing file around a step
-    (plumbing/runs.py), and none of them is longer than 60 lines."""
+    (plumbing/bookkeeping.py), and none of them is longer than 60 lines."""
     import step_path
 
     path = step_path.step_path(step_path.QUICK)
-    assert set(path) <= {"train.py", "grpo.py", "model.py", "reczero.py", "plumbing/runs.py"}
+    assert set(path) <= {"train.py", "grpo.py", "model.py", "reczero.py", "plumbing/bookkeeping.py"}
     names = {name for functions in path.values() for name, _, _ in functions}
     assert {"train_grpo", "grpo_update", "generate", "compute_reward", "Run.after_step"} <= names
     assert max(n for functions in path.values() for _, _, n in functions) <= 60

@@ -1,4 +1,4 @@
-"""Tests for reczero.rollout_metrics, plumbing/runs.RunLog and plumbing/report.py: a step's rollout metrics
+"""Tests for reczero.rollout_metrics, plumbing/bookkeeping.RunLog and plumbing/report.py: a step's rollout metrics
 and the sample log group rows by their prompt index (never by row order), and the results table shows what
 it is given."""
 
@@ -12,8 +12,8 @@ import torch
 
 from data import Example, Item, Rating
 from grpo import RolloutBatch
+from plumbing.bookkeeping import RunLog
 from plumbing.report import results_table
-from plumbing.runs import RunLog
 from reczero import compute_reward, rating_metrics, rollout_metrics
 
 

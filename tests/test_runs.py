@@ -71,7 +71,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import train
 from data import Example, Item, Rating
 from plumbing.report import write_predictions
-from plumbing.runs import RunLog
+from plumbing.bookkeeping import RunLog
 from plumbing.runs import WriteError, write_text
 from plumbing.teachers import Trace, save_traces
 from plumbing.tokenizer import train_bpe

@@ -11,7 +11,7 @@ import torch
 from data import Example, Item, Rating, build_examples, split_by_time
 from model import ModelConfig, Transformer
 from plumbing.baselines import fit_baselines
-from plumbing.runs import Run
+from plumbing.bookkeeping import Run
 from plumbing.synthetic import SyntheticConfig, make_synthetic
 from plumbing.teachers import (
     HeuristicTeacher,

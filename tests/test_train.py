@@ -13,7 +13,7 @@ from tiny_runs import TINY, metrics, varied_rewards
 
 import grpo
 import train
-from plumbing import stages
+from plumbing import bookkeeping, stages
 from plumbing.checkpoints import load_model
 from plumbing.experiment import demo_model
 
@@ -138,11 +138,11 @@ def test_rl_that_cannot_start_says_so(tmp_path, capsys):
     """RecZero on the demo's random weights: warned before any work, the progress bar shows no signal,
     and after NO_SIGNAL_STEPS flat steps without a formatted completion one warning says why."""
     out = tmp_path / "zero"
-    train.main(TINY + ["--mode", "reczero", "--steps", str(train.NO_SIGNAL_STEPS + 1), "--out", str(out)])
+    train.main(TINY + ["--mode", "reczero", "--steps", str(bookkeeping.NO_SIGNAL_STEPS + 1), "--out", str(out)])
     err = capsys.readouterr().err
     assert "--mode reczero on the embedded demo" in err.split("\n")[0]
     assert "signal=none" in err
-    assert err.count(f"warning: {train.NO_SIGNAL_STEPS} steps without a single completion") == 1
+    assert err.count(f"warning: {bookkeeping.NO_SIGNAL_STEPS} steps without a single completion") == 1
     steps = metrics(out)
     assert all(r["frac_reward_zero_std"] == 1.0 and r["format_valid"] == 0 for r in steps.values())
     assert (out / "start" / "model.safetensors").exists()  # the KL reference (--beta 0.3) of random weights
@@ -167,7 +167,7 @@ def test_a_run_whose_steps_keep_failing_stops_without_saving(tmp_path, monkeypat
     with pytest.raises(SystemExit) as stop:
         train.main(TINY + ["--steps", "8", "--save-every", "1", "--out", str(out)])
     assert stop.value.code == 3
-    assert f"{train.MAX_BAD_STEPS} steps in a row (to step {1 + train.MAX_BAD_STEPS})" in capsys.readouterr().err
+    assert f"{bookkeeping.MAX_BAD_STEPS} steps in a row (to step {1 + bookkeeping.MAX_BAD_STEPS})" in capsys.readouterr().err
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     assert not (out / "results.md").exists()
 
@@ -380,13 +380,13 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
 
 
 def test_a_stop_at_the_last_step_still_writes_the_results(tmp_path, monkeypatch):
-    real = train.GracefulStop.installed
+    real = bookkeeping.GracefulStop.installed
 
     def requested(self):
         self.requested = "SIGTERM"
         return real(self)
 
-    monkeypatch.setattr(train.GracefulStop, "installed", requested)
+    monkeypatch.setattr(bookkeeping.GracefulStop, "installed", requested)
     train.main(TINY + ["--mode", "reczero", "--steps", "1", "--out", str(tmp_path)])  # stop asked all along
     assert (tmp_path / "results.md").exists()
 
@@ -475,7 +475,7 @@ def test_eval_only_beside_a_finished_run_leaves_the_run_alone(tiny_run, tmp_path
     assert (run / "eval" / "predictions" / "model.jsonl").exists() and "| model " in (run / "eval" / "results.md").read_text()
     assert "--eval-only: the prompt" in capsys.readouterr().out
     with pytest.raises(KeyboardInterrupt):  # the handler --eval-only installs: no checkpoint to promise
-        train.GracefulStop(saves=False)(2, None)
+        bookkeeping.GracefulStop(saves=False)(2, None)
 
 
 def test_one_run_per_folder(tiny_run, tmp_path, capsys):
