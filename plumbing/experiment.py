@@ -83,13 +83,15 @@ def load_task(cfg: RunConfig) -> TaskData:
     else:
         data = make_synthetic(SyntheticConfig(n_users=cfg.synthetic_users, seed=cfg.seed))
     split = split_by_time(data, cfg.split)
-    rng = np.random.default_rng(cfg.seed)
     # examples hold exactly the history the prompt shows, so a teacher never cites entries the model cannot see
     ex = {name: build_examples(data, getattr(split, name), cfg.max_user_history, cfg.max_item_history)
           for name in ("train", "valid", "test")}
-    for name, size in (("valid", cfg.valid_size), ("test", cfg.eval_size)):  # fixed random subsets: bounded cost
+    # fixed random subsets (bounded cost), each from its own stream: the test examples a seed scores do not
+    # depend on --valid-size (an --eval-only run with another one scores the run's own test examples)
+    streams = {"valid": np.random.default_rng(cfg.seed), "test": np.random.default_rng((cfg.seed, 2))}
+    for name, size in (("valid", cfg.valid_size), ("test", cfg.eval_size)):
         if len(ex[name]) > size:
-            ex[name] = [ex[name][i] for i in sorted(rng.choice(len(ex[name]), size, replace=False))]
+            ex[name] = [ex[name][i] for i in sorted(streams[name].choice(len(ex[name]), size, replace=False))]
     if not ex["train"] or not ex["test"]:
         fail(f"{cfg.data or 'synthetic data'}: no usable examples after the history filter")
     baselines = fit_baselines(split.train, seed=cfg.seed, scale=data.scale)

@@ -325,3 +325,17 @@ def test_a_stage_config_and_its_flags_have_one_default(config):
     assert not_flags == {"GRPOConfig": {"adv_eps", "logprob_chunk", "share_prompt"}, "SFTConfig": set(),
                          "SamplingConfig": {"stop_ids"}}[name]
     assert all(n in (cls.__doc__ or "") for n in not_flags if name == "GRPOConfig")
+
+
+def test_the_test_examples_do_not_depend_on_the_validation_size():
+    """Validation and test subsets came from one random stream, so --eval-only with another --valid-size
+    than the run's scored other test examples, silently (bias 0.859 against the run's 1.091)."""
+    from plumbing.cli import parse_args
+    from plumbing.experiment import load_task
+
+    def test_keys(valid_size):
+        cfg = parse_args(["--synthetic-users", "60", "--split", "global", "--eval-size", "20",
+                          "--valid-size", str(valid_size)])
+        return [e.target.key for e in load_task(cfg).test]
+
+    assert test_keys(5) == test_keys(17)
