@@ -126,6 +126,39 @@ def rollout_batch(prompts: list[list[int]], gen: Generation, rewards, pad_id: in
     return RolloutBatch(input_ids, plens, clens, gen.truncated.bool(), prompt_index, rewards, sampler)
 
 
+def groups_with_signal(rewards, prompt_index) -> list[int]:
+    """DAPO's dynamic sampling keeps a group only when its rewards differ (Yu et al. 2025, eq. 11: 0 < #correct
+    < G): rewards (N,), prompt_index (N,) -> the sorted prompt ids whose rewards are not all equal."""
+    ids = torch.unique(prompt_index)
+    return [int(p) for p in ids if rewards[prompt_index == p].unique().numel() > 1]
+
+
+def select_groups(batch: RolloutBatch, prompts: list[int]) -> RolloutBatch:
+    """The rows of the groups `prompts` (prompt ids), renumbered 0..len(prompts)-1 in that order."""
+    new_id = {p: k for k, p in enumerate(prompts)}
+    rows = torch.tensor([r for r, p in enumerate(batch.prompt_index.tolist()) if p in new_id], dtype=torch.long)
+    index = torch.tensor([new_id[p] for p in batch.prompt_index[rows].tolist()], dtype=torch.long)
+    sampler = None if batch.sampler_logprobs is None else batch.sampler_logprobs[rows]
+    return RolloutBatch(batch.input_ids[rows], batch.prompt_lengths[rows], batch.completion_lengths[rows],
+                        batch.truncated[rows], index.to(batch.prompt_index.device), batch.rewards[rows], sampler)
+
+
+def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
+    """a's rows then b's, b's prompt ids after a's, right-padded to the longer width."""
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(t):  # right-pad (N, L) to (N, width); the value is irrelevant, masks come from lengths
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    offset = int(a.prompt_index.max()) + 1 if len(a.prompt_index) else 0
+    sampler = None if a.sampler_logprobs is None or b.sampler_logprobs is None else \
+        torch.cat((pad(a.sampler_logprobs), pad(b.sampler_logprobs)))
+    return RolloutBatch(torch.cat((pad(a.input_ids), pad(b.input_ids))),
+                        torch.cat((a.prompt_lengths, b.prompt_lengths)),
+                        torch.cat((a.completion_lengths, b.completion_lengths)), torch.cat((a.truncated, b.truncated)),
+                        torch.cat((a.prompt_index, b.prompt_index + offset)), torch.cat((a.rewards, b.rewards)), sampler)
+
+
 # -----------------------------------------------------------------------------
 # Step 3: group-relative advantages
 

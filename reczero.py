@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from data import RATING_SCALE, Example, Item
 
@@ -287,6 +288,17 @@ class RatingMetrics:
     # when the traces can be compared with a reference teacher's: the share agreeing on each field
     # and the share whose rating follows the trace's own judgements (plumbing/teachers.Fidelity)
     fidelity: dict | None = None
+    top_rating: float = math.nan  # the most frequent scored prediction...
+    top_share: float = 0.0  # ...and its share: near 1, the model answers one rating whatever the prompt
+    expected: dict | None = None  # the expected-rating read-out's metrics (expected_rating), when asked
+
+
+COLLAPSE_SHARE = 0.95  # a model that gives one rating to this share of examples has collapsed to it
+
+
+def collapsed(m: RatingMetrics) -> bool:
+    """Whether (nearly) every prediction is the same rating: a policy that ignores its prompt."""
+    return m.top_share >= COLLAPSE_SHARE
 
 
 def rating_metrics(preds: list[float | None], truths: list[float], fallback: list[float]) -> RatingMetrics:
@@ -305,9 +317,18 @@ def rating_metrics(preds: list[float | None], truths: list[float], fallback: lis
     mae, rmse = float(np.mean(np.abs(err))), float(np.sqrt(np.mean(err**2)))
     mae_v = float(np.mean(np.abs(v_err))) if v_err.size else math.nan
     rmse_v = float(np.sqrt(np.mean(v_err**2))) if v_err.size else math.nan
-    distinct = len(set(np.round(scored, 2).tolist()))
+    values, counts = np.unique(np.round(scored, 2), return_counts=True)
     return RatingMetrics(len(preds), mae, rmse, float(valid.mean()), mae_v, rmse_v,
-                         float(np.std(scored)), float(np.std(truth)), distinct)
+                         float(np.std(scored)), float(np.std(truth)), len(values),
+                         top_rating=float(values[counts.argmax()]), top_share=float(counts.max() / len(preds)))
+
+
+def expected_rating(rating_logits, values):
+    """Reason4Rec's read-out of a rating: (N, K) next-token logits of the K rating tokens ("1".."5") at the
+    position where the model writes its rating, and their values (K,) -> (N,) sum_k p_k v_k, with p the
+    softmax over those K tokens only (the rest of the vocabulary is ignored)."""
+    p = torch.softmax(rating_logits.float(), dim=-1)  # Reason4Rec: probability-weighted rating over "1".."5"
+    return p @ torch.as_tensor(values, dtype=p.dtype, device=p.device)
 
 
 @dataclass

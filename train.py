@@ -148,10 +148,11 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
 # GRPO (RecZero; RecOne stage 2)
 
 
-def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """All randomness of one step comes from (seed, step, rank): resuming replays it exactly."""
+def step_generator(seed: int, step: int, rank: int, device, draw: int = 0) -> torch.Generator:
+    """All randomness of one step comes from (seed, step, rank): resuming replays it exactly. (draw > 0:
+    --filter-groups' extra draws of the step.)"""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+    g.manual_seed(int(np.random.SeedSequence([seed, step, rank] + ([draw] if draw else [])).generate_state(1)[0]))
     return g
 
 
@@ -163,12 +164,36 @@ def step_prompts(n_train: int, per_step: int, seed: int, step: int) -> list[int]
     return order[k * per_step:(k + 1) * per_step].tolist()
 
 
+@dataclass
+class Rollout:
+    """Steps 1-2's output: the examples (prompt p's is examples[p]), each row's completion text and reward
+    (reczero.Reward), and the batch grpo_update trains on."""
+
+    examples: list
+    texts: list[str]
+    rewards: list
+    batch: grpo.RolloutBatch
+
+
+def rollout(model, examples, prompter: Prompter, sampling: SamplingConfig, reward_cfg, samples: int,
+            generator: torch.Generator) -> Rollout:
+    """Steps 1-2 for a list of examples: `samples` completions of each prompt, each with its reward."""
+    tok = prompter.tok
+    prompts = [prompter(e) for e in examples]
+    # Step 1: sample G completions of each prompt (model.generate)
+    gen = generate(model, prompts, sampling, samples, generator, tok.pad_id)
+    # Step 2: score each completion with the task's reward (reczero.compute_reward)
+    texts = [tok.decode(c) for c in gen.completions()]
+    rewards = [compute_reward(t, examples[p].target.rating, reward_cfg) for t, p in zip(texts, gen.prompt_index.tolist())]
+    return Rollout(examples, texts, rewards, grpo.rollout_batch(prompts, gen, [r.total for r in rewards], tok.pad_id))
+
+
 def train_grpo(model, ref_model, prompter: Prompter, task: TaskData, cfg: RunConfig, run: Run) -> None:
     """GRPO steps from run.state.step to cfg.steps, each one rollout and one update. ref_model: the frozen
     KL reference (None when beta = 0). After each step `run` logs, validates, saves and stops."""
-    tok, ranks, device = prompter.tok, run.ranks, model.embed_tokens.weight.device
+    ranks, device = run.ranks, model.embed_tokens.weight.device
     grpo_cfg, reward_cfg = from_flags(grpo.GRPOConfig, cfg), reward_config(cfg.reward, task.scale)
-    sampling = from_flags(SamplingConfig, cfg, stop_ids=tok.stop_ids)
+    sampling = from_flags(SamplingConfig, cfg, stop_ids=prompter.tok.stop_ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     run.restore(optimizer, "grpo")  # AdamW's moments, when resuming a GRPO checkpoint
     run.before_grpo(model)
@@ -176,26 +201,57 @@ def train_grpo(model, ref_model, prompter: Prompter, task: TaskData, cfg: RunCon
     for step in range(run.state.step, cfg.steps):
         chosen = step_prompts(len(task.train), cfg.prompts_per_step, cfg.seed, step)
         examples = [task.train[i] for i in chosen[ranks.rank * share:(ranks.rank + 1) * share]]
-        prompts = [prompter(e) for e in examples]
         t0 = time.time()
-        # Step 1: sample G completions of each prompt (model.generate)
+        # Steps 1-2: sample G completions of each prompt and score them (rollout above)
         model.eval()
         with ranks.gathered(model):  # FSDP: the whole model, since ranks stop sampling at different lengths
-            gen = generate(model, prompts, sampling, cfg.samples, step_generator(cfg.seed, step, ranks.rank, device),
-                           tok.pad_id)
-        # Step 2: score each completion with the task's reward (reczero.compute_reward)
-        texts = [tok.decode(c) for c in gen.completions()]
-        rewards = [compute_reward(t, examples[p].target.rating, reward_cfg)
-                   for t, p in zip(texts, gen.prompt_index.tolist())]
-        batch = grpo.rollout_batch(prompts, gen, [r.total for r in rewards], tok.pad_id)
+            r = rollout(model, examples, prompter, sampling, reward_cfg, cfg.samples,
+                        step_generator(cfg.seed, step, ranks.rank, device))
+            if cfg.filter_groups:  # DAPO's dynamic sampling (off by default, as in the paper)
+                r, drawn = filter_groups(r, model, prompter, task, cfg, sampling, reward_cfg, step, device)
         t1 = time.time()
         # Steps 3-7: advantages, log-probs, clipped loss, aggregation, AdamW (grpo.grpo_update)
         model.train()
-        metrics = grpo.grpo_update(model, optimizer, batch, grpo_cfg, ref_model, ranks)
-        metrics.update(rollout_metrics(rewards, [e.target.rating for e in examples], batch.prompt_index,
-                                       batch.completion_lengths))
+        metrics = grpo.grpo_update(model, optimizer, r.batch, grpo_cfg, ref_model, ranks)
+        metrics.update(rollout_metrics(r.rewards, [e.target.rating for e in r.examples], r.batch.prompt_index,
+                                       r.batch.completion_lengths))
+        if cfg.filter_groups:
+            metrics.update(drawn)
         # Around the step: check, log, validate, save, stop (plumbing/bookkeeping.py)
-        run.after_step(model, optimizer, metrics, (t1 - t0, time.time() - t1), (examples, texts, rewards, batch))
+        run.after_step(model, optimizer, metrics, (t1 - t0, time.time() - t1), (r.examples, r.texts, r.rewards, r.batch))
+
+
+def filter_groups(first: Rollout, model, prompter, task, cfg, sampling, reward_cfg, step: int, device):
+    """DAPO's dynamic sampling (Yu et al. 2025 §3.2; verl's algorithm.filter_groups): keep only the groups
+    whose rewards differ (grpo.groups_with_signal), drawing --prompts-per-step more prompts at a time
+    until the step has that many such groups or --extra-draws more draws were made; more than needed are
+    cut, fewer are trained on as they are (none at all: the first draw, whose gradient is 0). Draw d of
+    step s takes its prompts and samples from (seed, s, d), so a resumed run replays it exactly. Returns
+    the kept rollout and the step's draw metrics. One process only (check_args)."""
+    kept = _groups(first, grpo.groups_with_signal(first.batch.rewards, first.batch.prompt_index))
+    drawn, with_signal, draws = len(first.examples), len(kept.examples), 0
+    while len(kept.examples) < cfg.prompts_per_step and draws < cfg.extra_draws:
+        draws += 1
+        order = np.random.default_rng((cfg.seed, step, draws)).choice(len(task.train), cfg.prompts_per_step,
+                                                                      replace=False)
+        more = rollout(model, [task.train[i] for i in order], prompter, sampling, reward_cfg, cfg.samples,
+                       step_generator(cfg.seed, step, 0, device, draw=draws))
+        found = _groups(more, grpo.groups_with_signal(more.batch.rewards, more.batch.prompt_index))
+        drawn, with_signal = drawn + len(more.examples), with_signal + len(found.examples)
+        kept = Rollout(kept.examples + found.examples, kept.texts + found.texts, kept.rewards + found.rewards,
+                       grpo.concat_batches(kept.batch, found.batch))
+    kept = _groups(kept, list(range(min(len(kept.examples), cfg.prompts_per_step))))
+    record = {"filter_draws": 1 + draws, "filter_groups_kept": len(kept.examples),
+              "filter_zero_std_share": 1 - with_signal / drawn}  # of every group drawn this step
+    return (kept if kept.examples else first), record
+
+
+def _groups(r: Rollout, prompts: list[int]) -> Rollout:
+    """The rollout's groups `prompts` only (grpo.select_groups), its rows' texts and rewards with them."""
+    wanted = set(prompts)
+    rows = [k for k, p in enumerate(r.batch.prompt_index.tolist()) if p in wanted]
+    return Rollout([r.examples[p] for p in prompts], [r.texts[k] for k in rows], [r.rewards[k] for k in rows],
+                   grpo.select_groups(r.batch, prompts))
 
 
 # -----------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import math
 import signal
 import sys
 import threading
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -177,6 +178,39 @@ def diverged(msg: str, lr_flag: str = "--lr"):
     sys.exit(3)
 
 
+FLAT_WINDOW = 10  # GRPO steps over which the share of groups with equal rewards is averaged
+FLAT_SHARE = 0.9  # ... and the share that means GRPO is getting almost no signal
+
+
+class FlatWatch:
+    """Over the last FLAT_WINDOW GRPO steps: the share of groups whose rewards were all equal, and the ratings
+    sampled. One line when that share averages FLAT_SHARE or more (then not again until it has fallen)."""
+
+    def __init__(self):
+        self.flat = deque(maxlen=FLAT_WINDOW)  # frac_reward_zero_std of each step
+        self.ratings = deque(maxlen=FLAT_WINDOW)  # Counter of the valid sampled ratings of each step
+        self.warned = False
+
+    def update(self, step: int, frac_zero_std: float, rewards) -> str | None:
+        """After GRPO step `step`: its share of groups with equal rewards and its rewards (reczero.Reward)."""
+        self.flat.append(frac_zero_std)
+        self.ratings.append(Counter(r.rating for r in rewards if r.valid))
+        share = sum(self.flat) / len(self.flat)
+        if len(self.flat) < FLAT_WINDOW or share < FLAT_SHARE:
+            self.warned = False
+            return None
+        if self.warned:
+            return None
+        self.warned = True
+        counts = sum(self.ratings, Counter())
+        rating, times = counts.most_common(1)[0] if counts else (None, 0)
+        sampled = (f"; {times / sum(counts.values()):.0%} of the valid samples rated {rating:g}" if counts
+                   else "; no sample was in the format")
+        return (f"warning: step {step}: over the last {FLAT_WINDOW} steps {share:.0%} of the groups had equal "
+                f"rewards{sampled}: GRPO gets almost no signal, and the policy may have settled on one answer "
+                "(--filter-groups draws more prompts instead of training on such groups)")
+
+
 # -----------------------------------------------------------------------------
 # Around each step of the lesson's loops
 
@@ -201,6 +235,7 @@ class Run:
     bar: tqdm | None = None
     bad_steps: int = 0  # steps (or SFT batches) in a row skipped for a non-finite loss or gradient
     flat_steps: int = 0  # steps in a row in which every group's rewards were equal: no gradient
+    flat_watch: FlatWatch = field(default_factory=FlatWatch)  # nearly all groups tied, over many steps
 
     @staticmethod
     def alone(log: Callable = lambda record: None) -> "Run":
@@ -211,7 +246,7 @@ class Run:
             pass
 
         cfg = SimpleNamespace(sft_save_every=math.inf, steps=0)
-        return Run(cfg, Path("."), OneProcess(), log, SimpleNamespace(step=0, sft_step=None), None, nothing,
+        return Run(cfg, Path("."), OneProcess(), log, SimpleNamespace(step=0, sft_step=None, notes=[]), None, nothing,
                    nothing, nothing)
 
     def stopping(self) -> bool:
@@ -296,6 +331,11 @@ class Run:
                              **({"signal": "none (all rewards in each group equal)"} if self.flat_steps else {}))
         if self.flat_steps == NO_SIGNAL_STEPS and metrics["format_valid"] == 0 and self.ranks.rank == 0:
             self._warn_no_signal()
+        # most groups tied for many steps: the policy may have settled on one rating (plumbing/collapse.py)
+        tied = metrics.get("filter_zero_std_share", metrics["frac_reward_zero_std"])  # of all drawn groups
+        if (line := self.flat_watch.update(n, tied, samples[2])) and self.ranks.rank == 0:
+            tqdm.write(line, file=sys.stderr)
+            self.state.notes.append(line)
         if state.step % cfg.sample_every == 0:
             examples, texts, rewards, batch = samples
             self.log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -189,6 +189,7 @@ class TrainerState:
     data_fingerprint: str | None = None  # experiment.fingerprint of the task it trained on
     sft_step: int | None = None  # set while RecOne's cold-start SFT runs: the batches it has done
     sft_traces: str | None = None  # the cold-start traces (JSONL), so a resumed SFT needs no teacher
+    notes: list[str] = field(default_factory=list)  # warnings results.md repeats (plumbing/collapse.py)
 
     @staticmethod
     def read(path) -> TrainerState:
@@ -198,7 +199,7 @@ class TrainerState:
         start_test = saved.get("start_test", saved.get("cold_start"))  # "cold_start" before 2026-12
         return TrainerState(saved["step"], start_test, saved.get("start_model"),
                             BestSoFar(**best) if best else None, saved.get("data_fingerprint"),
-                            saved.get("sft_step"), saved.get("sft_traces"))
+                            saved.get("sft_step"), saved.get("sft_traces"), saved.get("notes") or [])
 
 
 def _count(value) -> bool:
@@ -221,6 +222,8 @@ _STATE_FIELDS = {
     "start_test": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "cold_start": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "best": (lambda v: v is None or _best(v), "null or {step, mae, path}"),
+    "notes": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+              "a list of strings or null"),
     **{name: (lambda v: v is None or isinstance(v, str), "a string or null")
        for name in ("start_model", "data_fingerprint", "sft_traces")},
 }

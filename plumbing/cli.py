@@ -137,6 +137,11 @@ class RunConfig:
     micro_batch: int = option("rows per forward/backward", 8, 64, valid=at_least(1))
     max_grad_norm: float = option("gradient clipping", 1.0, valid=above(0, "the global gradient norm is clipped to it"))
     drop_truncated: bool = option("leave completions that hit --max-new-tokens out of the loss", False)
+    filter_groups: bool = option("DAPO's dynamic sampling: drop the groups whose rewards are all equal (no "
+                                 "gradient) and draw more prompts until the step has --prompts-per-step groups "
+                                 "that differ (the paper: off)", False)
+    extra_draws: int = option("with --filter-groups: at most this many more draws of --prompts-per-step prompts "
+                              "in one step", 4, valid=at_least(1))
     reward: str = option("paper: +-0.5, 1-|e|/span (4 on a 1-5 scale); code: +-1, 1-|e|/2", "paper",
                          choices=REWARD_PRESETS)
     # LoRA (lora.py): low-rank adapters instead of full fine-tuning, for SFT and GRPO
@@ -150,6 +155,9 @@ class RunConfig:
     valid_size: int = option("validation examples scored (greedy) every --eval-every steps", 1000, 300,
                              valid=at_least(1))
     eval_every: int = option("evaluate on validation examples every N steps", 50, 10, valid=at_least(1))
+    expected_rating: bool = option("also score every test row of the LLM by its expected rating: the probabilities "
+                                   "of the rating tokens (1-5) where it writes its rating, weighted by their values "
+                                   "(Reason4Rec's read-out); one more forward pass per example", False)
     select: str = option("weights scored on the test set at the end: the last step's, or those with the lowest "
                          "validation MAE among the evaluations, step 0 included", "last",
                          choices=("last", "best"))
@@ -431,6 +439,8 @@ def check_args(cfg: RunConfig):
              f"--nproc-per-node {world} train.py ..., or unset WORLD_SIZE")
     if cfg.prompts_per_step % int(world):
         fail("--prompts-per-step must be divisible by the number of ranks")
+    if cfg.filter_groups and int(world) > 1:
+        fail("--filter-groups runs in one process: under torchrun the ranks would draw different numbers of prompts")
     check_device(cfg.device)
     if cfg.fsdp and "WORLD_SIZE" not in os.environ:
         fail("--fsdp shards the model across the processes of a torchrun job: "

@@ -16,12 +16,14 @@ import torch
 from tqdm import tqdm
 
 from data import RATING_SCALE
-from model import SamplingConfig, generate
+from model import SamplingConfig, generate, right_pad
 from plumbing.parallel import Distributed, gathered
 from plumbing.runs import written_file
 from reczero import (
+    RATE_OPEN,
     Interval,
     RatingMetrics,
+    expected_rating,
     paired_bootstrap,
     parse_output,
     rating_metrics,
@@ -33,22 +35,27 @@ EVAL_BATCH = 64  # examples decoded at once by evaluate (the memory plan counts 
 @torch.no_grad()
 def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int, batch: int = EVAL_BATCH, desc="eval",
              fidelity=None, scale: tuple[float, float] = RATING_SCALE,
-             dist: Distributed | None = None, save_to: Path | None = None) -> RatingMetrics:
+             dist: Distributed | None = None, save_to: Path | None = None, expected: bool = False) -> RatingMetrics:
     """Greedy decoding on `examples`; returns RatingMetrics. An unparsable output is scored with
     fallback[example.target.key] (train.py passes the bias baseline's prediction). `fidelity`
     (a teachers.TraceFidelity) also compares each trace with the heuristic teacher's. `save_to`: a
-    JSONL file that gets every example's prediction and text (write_predictions).
+    JSONL file that gets every example's prediction and text (write_predictions). `expected`: also read
+    each valid output's rating as the expected rating at its position (expected_ratings), into
+    metrics.expected and save_to's NAME-expected.jsonl.
     Under torchrun every rank calls it, decodes every dist.world-th example and gets the same metrics."""
     dist = dist or Distributed()
     model.eval()
     mine = list(range(dist.rank, len(examples), dist.world))
-    texts = {}
+    texts, readouts = {}, {}
     with gathered(model):  # a sharded model: whole for a while, so ranks may decode different lengths
         for i in tqdm(range(0, len(mine), batch), desc=desc, leave=False, disable=dist.rank != 0):
             rows = mine[i:i + batch]
-            gen = generate(model, [prompter(examples[j]) for j in rows],
-                           SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids), pad_id=tok.pad_id)
+            prompts = [prompter(examples[j]) for j in rows]
+            gen = generate(model, prompts, SamplingConfig(max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids),
+                           pad_id=tok.pad_id)
             texts.update(zip(rows, [tok.decode(c) for c in gen.completions()]))
+            if expected:
+                readouts.update(zip(rows, expected_ratings(model, tok, prompts, gen.completions(), scale)))
     texts = dict(dist.gather_objects(list(texts.items())))
     texts = [texts[j] for j in range(len(examples))]
     fallbacks = [fallback[e.target.key] for e in examples]
@@ -58,7 +65,74 @@ def evaluate(model, tok, prompter, examples, fallback: dict, max_new_tokens: int
         metrics.fidelity = asdict(fidelity(examples, texts))
     if save_to is not None and dist.rank == 0:
         write_predictions(save_to, examples, preds, fallbacks, texts)
+    if expected:  # only where the output parses, as the written rating: the same examples fall back
+        readouts = dict(dist.gather_objects(list(readouts.items())))
+        read = [readouts[j] if p is not None else None for j, p in enumerate(preds)]
+        metrics.expected = asdict(rating_metrics(read, [e.label for e in examples], fallbacks))
+        if save_to is not None and dist.rank == 0:
+            write_predictions(save_to.with_name(save_to.stem + "-expected.jsonl"), examples, read, fallbacks)
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# The expected rating: the model's probabilities of the rating tokens where it writes its rating
+
+
+def rating_tokens(tok, scale: tuple[float, float] = RATING_SCALE) -> tuple[list[float], dict[str, list[int]]]:
+    """The integer ratings of `scale` and, for each way the tokenizer writes one as a single token ("4", and
+    " 4" where a space merges with the digit), their token ids. A ValueError when the scale has ratings that
+    are not integers or an integer rating is not one token: such a read-out would be read wrong."""
+    lo, hi = scale
+    if lo != int(lo) or hi != int(hi):
+        raise ValueError(f"--expected-rating reads the integer ratings 1 token each; the {lo:g}-{hi:g} scale "
+                         "has half stars")
+    values = [float(v) for v in range(int(lo), int(hi) + 1)]
+    ids = {ws: [tok.encode(ws + f"{v:g}") for v in values] for ws in ("", " ")}
+    ids = {ws: [i[0] for i in found] for ws, found in ids.items() if all(len(i) == 1 for i in found)}
+    if "" not in ids:
+        raise ValueError(f"--expected-rating: this tokenizer does not write every rating {lo:g}-{hi:g} as one "
+                         "token, so their probabilities cannot be read at one position")
+    return values, ids
+
+
+def rating_position(tok, completion: list[int]) -> tuple[int, str] | None:
+    """(j, ws): completion token j is where the rating after <rate> starts, and ws the whitespace that token
+    carries before the digit; None when the first token with text after <rate> is not a rating token."""
+    pieces = [tok.decode([t]) for t in completion]
+    end = "".join(pieces).find(RATE_OPEN)
+    if end < 0:
+        return None
+    end, pos = end + len(RATE_OPEN), 0
+    for j, piece in enumerate(pieces):
+        if pos >= end and piece.strip():
+            digit = piece.lstrip()
+            return (j, piece[:len(piece) - len(digit)]) if digit.isdigit() and digit.isascii() else None
+        pos += len(piece)
+    return None
+
+
+@torch.no_grad()
+def expected_ratings(model, tok, prompts: list[list[int]], completions: list[list[int]],
+                     scale: tuple[float, float] = RATING_SCALE, batch: int = 16) -> list[float | None]:
+    """Each completion's expected rating (reczero.expected_rating) at the position where it writes its
+    rating: one teacher-forced pass over prompt + completion up to there. None where it writes none."""
+    values, ids = rating_tokens(tok, scale)
+    found = []  # (completion, its rating's position, the token ids of the ratings written that way)
+    for k, c in enumerate(completions):
+        at = rating_position(tok, c)
+        if at is not None and at[1] in ids:
+            found.append((k, at[0], ids[at[1]]))
+    out: list[float | None] = [None] * len(completions)
+    device = model.embed_tokens.weight.device
+    for i in range(0, len(found), batch):
+        part = found[i:i + batch]
+        seq, lens = right_pad([prompts[k] + completions[k][:j] for k, j, _ in part], tok.pad_id, device)
+        h = model(seq)[torch.arange(len(part), device=device), lens - 1]  # (b, C): predicts the rating token
+        cand = torch.tensor([c for _, _, c in part], device=device)  # (b, K)
+        rating_logits = model.logits(h).float().gather(1, cand)
+        for (k, _, _), r in zip(part, expected_rating(rating_logits, values).tolist()):
+            out[k] = r
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +211,12 @@ def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
     head = "| method | MAE | RMSE | format valid | MAE (valid only) | pred std (true) | distinct |"
     out = [head + (" agrees: category | taste | reception | rating | consistent |" if with_fidelity else ""),
            "|---" * (7 + 5 * with_fidelity) + "|"]
+    with_expected = []  # a row read out as the expected rating (--expected-rating) is shown below its own
     for name, m in rows:
+        with_expected.append((name, m))
+        if m.expected:
+            with_expected.append((f"{name}, expected rating", RatingMetrics(**m.expected)))
+    for name, m in with_expected:
         if m.valid_rate < MOSTLY_PARSABLE:  # its MAE is mostly the fallback's: say so, never show it as a gain
             name += (f" (mostly unparsable: {m.valid_rate:.0%} format valid, so the MAE is mostly the bias "
                      "baseline's fallback, not this model's)")
@@ -149,8 +228,10 @@ def results_table(rows: list[tuple[str, RatingMetrics]]) -> str:
     return "\n".join(out)
 
 
-# the classic baselines (plumbing/baselines.py) and the two means every prompt shows, by file name
-BASELINES = {"global_mean": "global mean", "user_mean": "user mean (the prompt's user_avg_rating)",
+# the classic baselines (plumbing/baselines.py) and the two means every prompt shows, by file name; the
+# best constant's label names its rating
+BASELINES = {"global_mean": "global mean", "constant": "best constant (the training median, {constant:g})",
+             "user_mean": "user mean (the prompt's user_avg_rating)",
              "item_mean": "item mean (the prompt's target_item_avg_rating)", "bias": "user+item bias",
              "mf": "matrix factorisation"}
 
@@ -162,6 +243,7 @@ def baseline_rows(baselines: dict, test, fidelity=None, save_dir: Path | None = 
     go to save_dir/baseline-NAME.jsonl (write_predictions)."""
     targets = [e.target for e in test]
     preds = {"global_mean": baselines["global_mean"].predict_many(targets).tolist(),
+             "constant": baselines["constant"].predict_many(targets).tolist(),
              "user_mean": [e.user_avg for e in test], "item_mean": [e.item_avg for e in test],
              "bias": baselines["bias"].predict_many(targets).tolist(),
              "mf": baselines["mf"].predict_many(targets).tolist()}
@@ -169,7 +251,8 @@ def baseline_rows(baselines: dict, test, fidelity=None, save_dir: Path | None = 
         preds["teacher"] = [fidelity.teacher.judge(e).rating for e in test]
     rows = []
     for name, pred in preds.items():
-        rows.append((BASELINES.get(name, "heuristic teacher"), rating_metrics(pred, [e.label for e in test], pred)))
+        label = BASELINES.get(name, "heuristic teacher").format(constant=baselines["constant"].mu)
+        rows.append((label, rating_metrics(pred, [e.label for e in test], pred)))
         if save_dir is not None:
             write_predictions(save_dir / f"baseline-{name}.jsonl", test, pred, pred)
     return rows

@@ -38,6 +38,7 @@ from plumbing.checkpoints import (
     save_model,
 )
 from plumbing.cli import RunConfig, fail, lora_targets, prompt_settings
+from plumbing.collapse import COLLAPSED, collapse_note, labelled, start_check, start_line
 from plumbing.experiment import (
     TaskData,
     cold_start_traces,
@@ -58,6 +59,8 @@ from plumbing.report import (
     evaluate,
     interval_table,
     plot,
+    rating_tokens,
+    read_predictions,
     results_table,
 )
 from plumbing.runs import FolderError, WriteError, run_folder, write_text
@@ -141,6 +144,11 @@ def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, 
             tok, start = Tokenizer(tok_dir), None
             config = demo_config(tok.vocab_size, tok.turn_end_id)
         prompter = Prompter(tok, *prompt_settings(cfg, task.scale))
+        if cfg.expected_rating:
+            try:
+                rating_tokens(tok, task.scale)
+            except ValueError as e:  # a rating that is not one token, or half stars
+                fail(str(e))
         plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world)
         if ranks.rank == 0:
             print(plan.describe())
@@ -191,15 +199,19 @@ def first_policy(s: Setup):
     return model
 
 
-def score(s: Setup, model, examples, desc: str, fidelity=None, save_to: Path | None = None) -> RatingMetrics:
-    """Greedy decoding on `examples` (report.evaluate), every rank its share; save_to: their predictions."""
+def score(s: Setup, model, examples, desc: str, fidelity=None, save_to: Path | None = None,
+          expected: bool = False) -> RatingMetrics:
+    """Greedy decoding on `examples` (report.evaluate), every rank its share; save_to: their predictions;
+    expected: also the expected-rating read-out."""
     return evaluate(model, s.tok, s.prompter, examples, s.task.fallback, s.cfg.max_new_tokens, desc=desc,
-                    fidelity=fidelity, scale=s.task.scale, dist=s.ranks, save_to=save_to)
+                    fidelity=fidelity, scale=s.task.scale, dist=s.ranks, save_to=save_to, expected=expected)
 
 
 def score_test(s: Setup, model, name: str, desc: str, fidelity=None) -> RatingMetrics:
-    """The test split; every example's prediction goes to OUT/predictions/NAME.jsonl."""
-    return score(s, model, s.task.test, desc, fidelity, s.out / "predictions" / f"{name}.jsonl")
+    """The test split; every example's prediction goes to OUT/predictions/NAME.jsonl (and, with
+    --expected-rating, its expected rating to NAME-expected.jsonl)."""
+    return score(s, model, s.task.test, desc, fidelity, s.out / "predictions" / f"{name}.jsonl",
+                 s.cfg.expected_rating)
 
 
 def baselines(s: Setup) -> list[tuple[str, RatingMetrics]]:
@@ -226,12 +238,25 @@ def run_around(s: Setup) -> Run:
     cfg, state = s.cfg, s.state
 
     def validate(model):  # on every rank, each decoding its share; all get the same metrics
+        start = state.step == 0  # before the first GRPO step: check the start (plumbing/collapse.py)
         if not s.task.valid:
+            if start:
+                note(s, "warning: start check: no validation examples, so whether the starting model beats the "
+                        "best constant (and GRPO has more than a constant to find) cannot be checked")
             return
-        m = score(s, model, s.task.valid, "valid", s.fidelity)
+        saved = s.out / "predictions" / "valid_start.jsonl" if start else None
+        m = score(s, model, s.task.valid, "valid", s.fidelity, saved)
         s.log({"stage": "eval", "step": state.step, **asdict(m)})
         if s.ranks.rank == 0:
             tqdm.write(f"step {state.step}: valid {describe(m)}")
+            if start:
+                rows = read_predictions(saved)
+                check = start_check(s.task.valid, [rows[e.target.key]["rating"] for e in s.task.valid],
+                                    s.task.baselines)
+                s.log({"stage": "start_check", **asdict(check), "beats_constant": check.beats_constant})
+                note(s, start_line(check, m, cfg.mode))
+            elif line := collapse_note(state.step, m):  # kept for results.md the first time
+                note(s, line, keep=not any(n.startswith(COLLAPSED) for n in state.notes))
         if cfg.select == "best" and (state.best is None or m.mae < state.best.mae):
             save_model(model, s.out / "best", s.tok_dir)  # atomic: a crash keeps the previous best
             state.best = BestSoFar(state.step, m.mae, str(s.out / "best"))
@@ -244,6 +269,14 @@ def run_around(s: Setup) -> Run:
             load_optimizer(Path(cfg.resume), optimizer)
 
     return Run(cfg, s.out, s.ranks, s.log, state, s.stop, validate, save, restore)
+
+
+def note(s: Setup, line: str, keep: bool = True) -> None:
+    """Print a warning or check (rank 0), and keep it for results.md (once: a resumed run has it already)."""
+    if s.ranks.rank == 0:
+        tqdm.write(line, file=sys.stderr)
+        if keep and line not in s.state.notes:
+            s.state.notes.append(line)
 
 
 def cold_start_data(s: Setup) -> list[Trace]:
@@ -312,7 +345,8 @@ def final_test(s: Setup, model, rows) -> None:
     if s.ranks.rank != 0:
         return
     start = "after cold start" if cfg.mode == "recone" else "before RL"
-    rows += [(f"LLM {start}", RatingMetrics(**state.start_test)), (label, final)]
+    start_metrics = RatingMetrics(**state.start_test)
+    rows += [(labelled(f"LLM {start}", start_metrics), start_metrics), (labelled(label, final), final)]
     pred = s.out / "predictions"
     against = [(start, "test_start"), ("matrix factorisation", "baseline-mf"), ("user+item bias", "baseline-bias")]
     # a run resumed into another --out finds its cold start's predictions in the first run's folder only
@@ -321,6 +355,8 @@ def final_test(s: Setup, model, rows) -> None:
     for name, iv in intervals:
         s.log({"stage": "interval", "name": name, **asdict(iv)})
     table = results_table(rows) + f"\n\nOn the same {final.n} test examples:\n\n" + interval_table(intervals)
+    if state.notes:  # the start check and any collapse (plumbing/collapse.py)
+        table += "\n\nBefore and during GRPO:\n\n" + "\n".join(f"- {line}" for line in state.notes)
     write_text(s.out / "results.md", table + "\n")
     print(table)
     plot(s.out)

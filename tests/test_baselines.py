@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data import Rating
-from plumbing.baselines import BiasBaseline, GlobalMean, MatrixFactorization
+from plumbing.baselines import BestConstant, BiasBaseline, GlobalMean, MatrixFactorization
 
 
 def synthetic_ratings(seed=0, n_users=150, n_items=80, n=6000):
@@ -50,3 +50,13 @@ def test_mf_deterministic():
     b = MatrixFactorization(seed=3, epochs=5).fit(train).predict_many(test)
     c = MatrixFactorization(seed=4, epochs=5).fit(train).predict_many(test)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_best_constant_is_the_training_median():
+    """By hand: ratings 1, 4, 4, 5, 5 -> median 4 (MAE 5/5 = 1.0; the mean 3.8 scores 5.6/5 = 1.12); an even count takes the
+    midpoint of the two middle values; the same rating for every pair, seen or not."""
+    train = [Rating("u", f"i{k}", r, k) for k, r in enumerate([5.0, 1.0, 4.0, 5.0, 4.0])]
+    model = BestConstant().fit(train)
+    assert model.mu == 4.0 and model.predict("u", "i0") == model.predict("nobody", "nothing") == 4.0
+    assert mae(model, train) == pytest.approx(1.0) and mae(GlobalMean().fit(train), train) == pytest.approx(1.12)
+    assert BestConstant().fit(train[:4]).mu == 4.5  # 1, 4, 5, 5

@@ -198,8 +198,10 @@ def test_real_ratings_quick(tmp_path, capsys):
     assert iv["low"] <= iv["diff"] <= iv["high"] and iv["n"] == 8
     assert [r["step"] for r in seed["curve"]["grpo"]] == [1, 2] and seed["traces"] is not None
     text = (tmp_path / "real" / "summary.md").read_text()
-    assert "| after GRPO |" in text and "| format valid >= 95% after GRPO |" in text
-    assert f"{real_ratings.GRPO} - {real_ratings.COLD}" in text
+    assert "| after GRPO |" in text and "| the cold start below the best constant |" in text
+    assert f"| {real_ratings.GRPO} - {real_ratings.COLD} |" in text and "| best constant |" in text
+    assert "| after GRPO, expected rating |" in text  # the tiny BPE writes each rating 1-5 as one token
+    assert "The start check before GRPO" in text and seed["start_check"]["n"] == 4
     (again,) = real_ratings.main(args)
     assert again["seconds"] == {} and again["methods"] == seed["methods"]
 

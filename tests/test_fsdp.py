@@ -188,7 +188,8 @@ def test_a_sharded_checkpoint_is_one_plain_folder_and_resumes_exactly(tmp_path):
     adapters = {k: v for k, v in single.state_dict().items() if ".lora_" in k}
     assert adapters and all(torch.equal(v, got[f"saved.{k}"]) for k, v in adapters.items())
     merged = load_model(out)
-    torch.testing.assert_close(full_logits(merged, PROMPTS[0]), full_logits(single.eval(), PROMPTS[0]))
+    # merged weights round differently from base + adapters (test_lora.py uses the same tolerance)
+    torch.testing.assert_close(full_logits(merged, PROMPTS[0]), full_logits(single.eval(), PROMPTS[0]), atol=1e-4, rtol=0)
     load_optimizer(out, torch.optim.AdamW([p for p in single.parameters() if p.requires_grad]))
 
 

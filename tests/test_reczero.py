@@ -348,3 +348,25 @@ def test_mean_interval_hand_case():
     assert flat.low == pytest.approx(-0.1) and flat.high == pytest.approx(-0.1) and flat.excludes_zero()
     with pytest.raises(ValueError):
         mean_interval([1.0])
+
+
+def test_expected_rating_by_hand():
+    """Reason4Rec's read-out: softmax over the rating tokens' logits, weighted by their values. Logits
+    (0, 0, 0, 0, ln 4) -> p = (1, 1, 1, 1, 4) / 8 -> (1 + 2 + 3 + 4 + 20) / 8 = 3.75; equal logits -> 3."""
+    import torch
+
+    from reczero import expected_rating
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, math.log(4.0)], [7.0, 7.0, 7.0, 7.0, 7.0]])
+    assert expected_rating(logits, [1.0, 2.0, 3.0, 4.0, 5.0]).tolist() == pytest.approx([3.75, 3.0])
+
+
+def test_rating_metrics_name_the_most_frequent_rating():
+    """top_rating and top_share: 4 in 3 of 5 scored predictions (the unparsable one scored by its fallback 4);
+    collapsed only at >= 95% of one rating."""
+    from reczero import collapsed
+
+    m = rating_metrics([4.0, 4.0, 2.0, None, 5.0], [3.0] * 5, [4.0] * 5)
+    assert (m.top_rating, m.top_share, m.distinct) == (4.0, 0.6, 3) and not collapsed(m)
+    assert collapsed(rating_metrics([4.0] * 19 + [3.0], [3.0] * 20, [4.0] * 20))  # 95%
+    assert not collapsed(rating_metrics([4.0] * 18 + [3.0, 2.0], [3.0] * 20, [4.0] * 20))  # 90%

@@ -140,3 +140,72 @@ def test_predictions_round_trip_and_paired_comparison(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"user_id": "u0"}\n')
     with pytest.raises(ValueError, match="d.jsonl line 1"):
         read_predictions(tmp_path / "d.jsonl")
+
+
+class PieceTokenizer:
+    """A test tokenizer over a list of pieces (greedy longest match), so a test chooses how a rating is
+    written: "4" alone, or " 4" as one token."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = [chr(c) for c in range(32, 127)] + pieces
+        self.pad_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        while text:
+            k = max((i for i, p in enumerate(self.pieces) if text.startswith(p)), key=lambda i: len(self.pieces[i]))
+            ids.append(k)
+            text = text[len(self.pieces[k]):]
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_rating_position_finds_the_token_that_starts_the_rating():
+    from plumbing.report import rating_position
+
+    tok = PieceTokenizer(["<rate>", " 4", " 3"])
+    assert rating_position(tok, tok.encode("<match>m</match><rate>4</rate>")) == (17, "")
+    assert rating_position(tok, tok.encode("<rate> 4 </rate>")) == (1, " ")  # the space is part of the token
+    assert rating_position(tok, tok.encode("<rate>  5</rate>")) == (3, "")  # two plain spaces, then "5"
+    assert rating_position(tok, tok.encode("<rate>x</rate>")) is None
+    assert rating_position(tok, tok.encode("no tags, 4")) is None
+
+
+def test_rating_tokens_refuse_what_cannot_be_read_at_one_position():
+    from plumbing.report import rating_tokens
+
+    assert rating_tokens(PieceTokenizer([]), (1.0, 5.0)) == ([1.0, 2.0, 3.0, 4.0, 5.0], {"": [17, 18, 19, 20, 21]})
+    spaced = PieceTokenizer([f" {k}" for k in range(1, 6)])
+    assert rating_tokens(spaced, (1.0, 5.0))[1][" "] == [95, 96, 97, 98, 99]
+    with pytest.raises(ValueError, match="half stars"):
+        rating_tokens(PieceTokenizer([]), (0.5, 5.0))
+    multi = PieceTokenizer([])
+    multi.encode = lambda text: [19, 19] if text == "3" else PieceTokenizer.encode(multi, text)  # "3": 2 tokens
+    with pytest.raises(ValueError, match="one token"):
+        rating_tokens(multi, (1.0, 5.0))
+
+
+def test_expected_ratings_read_the_model_where_it_writes_its_rating():
+    """On a tiny random model: one teacher-forced pass up to the rating; by hand, the softmax of the full
+    forward's logits of "1".."5" at the token before the rating, weighted 1..5. A completion whose rating
+    token carries a space is read with the " k" tokens; one without a rating is None."""
+    from plumbing.report import expected_ratings
+    from tiny_models import full_logits, tiny_model
+
+    tok = PieceTokenizer([f" {k}" for k in range(1, 6)])
+    model = tiny_model(seed=1)
+    prompts = [[5, 9, 30, 41], [7, 8]]
+    completions = [tok.encode("<m>x</m><rate>2</rate>"), tok.encode("ok <rate> 5</rate>"), tok.encode("none")]
+    got = expected_ratings(model, tok, prompts + [[3]], completions, (1.0, 5.0), batch=2)
+
+    def by_hand(ids, candidates):
+        p = torch.softmax(full_logits(model, ids)[-1][candidates], -1)
+        return float(p @ torch.arange(1.0, 6.0))
+
+    digits, spaced = [tok.encode(str(k))[0] for k in range(1, 6)], [tok.encode(f" {k}")[0] for k in range(1, 6)]
+    j0, j1 = completions[0].index(tok.encode("2")[0]), completions[1].index(tok.encode(" 5")[0])
+    assert got[0] == pytest.approx(by_hand(prompts[0] + completions[0][:j0], digits), abs=1e-5)
+    assert got[1] == pytest.approx(by_hand(prompts[1] + completions[1][:j1], spaced), abs=1e-5)
+    assert got[2] is None and 1 < got[0] < 5
