@@ -18,7 +18,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from itertools import accumulate, islice
+from itertools import accumulate
 from typing import Callable, Iterable
 
 RATING_SCALE = (1.0, 5.0)  # the 1-5 stars of Amazon, Yelp and MovieLens 100K / 1M
@@ -155,24 +155,44 @@ def split_by_time(data: RatingData, mode: str = "user-last", valid_frac: float =
 
 
 class _Timeline:
-    """One key's ratings in time order with prefix sums, so the mean of any prefix is O(1)."""
+    """One key's ratings in time order with prefix sums, so the mean of any prefix is O(1). `other` names
+    the other side of each rating (the item on a user's timeline, the user on an item's): run_start[i] is
+    where the run of equal `other` values that ends at i begins, so recent() can jump over a run."""
 
-    def __init__(self, ratings: list[Rating]):
+    def __init__(self, ratings: list[Rating], other: Callable = lambda r: None):
         self.ratings = ratings
         self.times = [r.time for r in ratings]
         self.sums = [0.0, *accumulate(r.rating for r in ratings)]
+        self.other = [other(r) for r in ratings]
+        self.run_start = list(range(len(ratings)))
+        for i in range(1, len(ratings)):
+            if self.other[i] == self.other[i - 1]:
+                self.run_start[i] = self.run_start[i - 1]
 
     def before(self, time: int) -> int:
         """How many ratings are strictly earlier than `time`."""
         return bisect_left(self.times, time)
 
+    def recent(self, n: int, skip, count: int) -> list[Rating]:
+        """The last `count` of the first n ratings whose other side is not `skip`, oldest first. A run of
+        `skip` is passed in one jump, so this takes O(count) steps however often `skip` repeats (one user
+        re-rating one item 50,000 times made history building quadratic)."""
+        out, i = [], n - 1
+        while i >= 0 and len(out) < count:
+            if self.other[i] == skip:
+                i = self.run_start[i] - 1
+                continue
+            out.append(self.ratings[i])
+            i -= 1
+        return out[::-1]
 
-def _timelines(ordered: Iterable[Rating], key: Callable) -> dict:
+
+def _timelines(ordered: Iterable[Rating], key: Callable, other: Callable = lambda r: None) -> dict:
     """A _Timeline per key, in the order of `ordered` (already sorted by time)."""
     groups = defaultdict(list)
     for r in ordered:
         groups[key(r)].append(r)
-    return {k: _Timeline(v) for k, v in groups.items()}
+    return {k: _Timeline(v, other) for k, v in groups.items()}
 
 
 def build_examples(data: RatingData, targets: list[Rating], max_user_history: int = 10,
@@ -182,12 +202,12 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
     Histories come from all of `data.ratings`, whatever the split: only ratings strictly earlier
     than the target are visible, so nothing from its future (or its timestamp) leaks, and the user's
     own earlier ratings of the target item are left out of both sides (and both averages).
-    O(log n) each, plus the user's repeats of the target item.
+    O(log n + history length) each.
     """
     ordered = sorted(data.ratings, key=lambda r: r.time)
     pair_counts = Counter((r.user_id, r.item_id) for r in ordered)
-    by_user = _timelines(ordered, lambda r: r.user_id)
-    by_item = _timelines(ordered, lambda r: r.item_id)
+    by_user = _timelines(ordered, lambda r: r.user_id, lambda r: r.item_id)
+    by_item = _timelines(ordered, lambda r: r.item_id, lambda r: r.user_id)
     # Only repeated (user, item) pairs have ratings to leave out: the user's own ones of the target item.
     by_pair = _timelines((r for r in ordered if pair_counts[r.user_id, r.item_id] > 1),
                          lambda r: (r.user_id, r.item_id))
@@ -199,10 +219,8 @@ def build_examples(data: RatingData, targets: list[Rating], max_user_history: in
         n_user, n_item, n_own = user.before(t.time), item.before(t.time), own.before(t.time)
         if n_user == n_own or n_item == n_own:
             continue
-        mine = (user.ratings[i] for i in range(n_user - 1, -1, -1) if user.ratings[i].item_id != t.item_id)
-        user_hist = list(islice(mine, max_user_history))[::-1]
-        others = (item.ratings[i] for i in range(n_item - 1, -1, -1) if item.ratings[i].user_id != t.user_id)
-        item_hist = list(islice(others, max_item_history))[::-1]
+        user_hist = user.recent(n_user, t.item_id, max_user_history)  # not the user's own earlier ratings of it
+        item_hist = item.recent(n_item, t.user_id, max_item_history)  # not this user's
         if len(user_hist) + len(item_hist) < min_total:
             continue
         examples.append(Example(

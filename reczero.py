@@ -350,9 +350,10 @@ def paired_bootstrap(loss_a, loss_b, resamples: int = 10_000, level: float = 0.9
     together, so what both methods find hard cancels. loss_a, loss_b: (n,) per-example losses, e.g.
     absolute errors (then diff is MAE(a) - MAE(b))."""
     a, b = np.asarray(loss_a, dtype=float), np.asarray(loss_b, dtype=float)
-    if a.ndim != 1 or a.shape != b.shape or not a.size:
-        raise ValueError(f"paired_bootstrap needs two equal-length, non-empty lists of losses "
-                         f"(got shapes {a.shape} and {b.shape})")
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap needs two equal-length lists of losses (got shapes {a.shape} and {b.shape})")
+    if a.size < 2:  # one example resampled is itself: a zero-width interval that means nothing
+        raise ValueError(f"too few test examples for an interval ({a.size})")
     d = a - b  # (n,)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)

@@ -111,7 +111,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
     device = model.embed_tokens.weight.device
     model.train()
     run.bar = tqdm(total=batches, initial=start, desc="cold-start SFT", disable=ranks.rank != 0)
-    step = 0
+    step, applied = 0, 0
     for epoch in range(cfg.sft_epochs):
         order = rng.permutation(len(rows))  # drawn for every epoch, so a resumed run sees the same order
         for i in range(0, len(rows), cfg.sft_batch):
@@ -134,6 +134,7 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
                                  tok.pad_id, device, weight=1.0 if micro else 0.0)
             loss = ranks.sum(loss)
             _, stepped = grpo.optimizer_step(optimizer, trained, loss, 1.0, ranks)  # clip, AdamW (never on nan)
+            applied += stepped
             schedule.step()
             run.bar.update()
             run.bar.set_postfix(loss=f"{loss:.3f}")
@@ -141,6 +142,8 @@ def sft(model, prompter: Prompter, traces: list[Trace], cfg: SFTConfig, run: Run
             epoch_end = i + cfg.sft_batch >= len(rows)  # the epoch's last batch is logged
             run.after_sft_batch(model, optimizer, step, batches, stepped, record if epoch_end else None)
     run.bar.close()
+    if start == 0 and not applied:  # every batch skipped: the "cold start" would be the starting weights
+        run.no_cold_start(batches)
     model.eval()
 
 
@@ -196,7 +199,7 @@ def train_grpo(model, ref_model, prompter: Prompter, task: TaskData, cfg: RunCon
     sampling = from_flags(SamplingConfig, cfg, stop_ids=prompter.tok.stop_ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     run.restore(optimizer, "grpo")  # AdamW's moments, when resuming a GRPO checkpoint
-    run.before_grpo(model)
+    run.before_grpo(model, optimizer)
     share = cfg.prompts_per_step // ranks.world  # prompts per step for each rank
     for step in range(run.state.step, cfg.steps):
         chosen = step_prompts(len(task.train), cfg.prompts_per_step, cfg.seed, step)

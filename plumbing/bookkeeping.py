@@ -132,21 +132,50 @@ class OneProcess:
 # Stopping: signals, divergence
 
 
+class Abandoned(Exception):
+    """A stop request that arrived during an evaluation: the evaluation is given up at once (it holds nothing
+    worth saving) and the run stops from the last consistent state."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
 class GracefulStop:
     """Ctrl-C (SIGINT) or SIGTERM, what schedulers send, asks the loops to stop after the step in
     progress, so a checkpoint never holds a half-applied update; a second signal stops at once.
-    A run that saves nothing (--eval-only, --dry-run: saves=False) stops at the first signal."""
+    During an evaluation (inside `abandoning`) the first signal gives the evaluation up at once: the
+    handler raises Abandoned, which the stages turn into a save of the last step and exit 130, and
+    --resume does the evaluation again. A run that saves nothing (--eval-only, --dry-run: saves=False)
+    stops at the first signal."""
 
     def __init__(self, saves: bool = True):
         self.saves = saves
         self.requested: str | None = None  # the first signal's name
+        self.evaluating: str | None = None  # the evaluation running now, if any
 
     def __call__(self, signum, frame):
         if self.requested or not self.saves:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if self.evaluating:
+            tqdm.write(f"{self.requested}: abandoning {self.evaluating} (send it again to stop at once, unsaved)",
+                       file=sys.stderr)
+            raise Abandoned(self.evaluating)
         tqdm.write(f"{self.requested}: stopping after this step to save a checkpoint "
                    "(send it again to stop at once, unsaved)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def abandoning(self, what: str):
+        """The block is an evaluation named `what`: a stop request gives it up (Abandoned), also one that
+        came before it started."""
+        if self.requested and self.saves:
+            raise Abandoned(what)
+        outer, self.evaluating = self.evaluating, what
+        try:
+            yield
+        finally:
+            self.evaluating = outer
 
     @contextlib.contextmanager
     def installed(self):
@@ -246,7 +275,7 @@ class Run:
             pass
 
         cfg = SimpleNamespace(sft_save_every=math.inf, steps=0)
-        return Run(cfg, Path("."), OneProcess(), log, SimpleNamespace(step=0, sft_step=None, notes=[]), None, nothing,
+        return Run(cfg, Path("."), OneProcess(), log, SimpleNamespace(step=0, sft_step=None, notes=[], validation_due=False), None, nothing,
                    nothing, nothing)
 
     def stopping(self) -> bool:
@@ -304,13 +333,19 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
             self.save(model, optimizer)  # at the end too: a kill while the cold start is written loses no batch
 
+    def no_cold_start(self, batches: int):
+        """The SFT ended without applying any of its `batches` (each skipped as non-finite): stop, exit 3."""
+        diverged(f"the cold-start SFT applied none of its {batches} batches (each had a non-finite loss or "
+                 "gradient), so its model would be the starting weights, not a cold start.", "--sft-lr")
+
     # -- GRPO (train.train_grpo)
 
-    def before_grpo(self, model):
-        """The starting point of the validation curve (after the cold start, if any); the progress bar."""
-        if self.state.step == 0 and self.cfg.steps > 0:
+    def before_grpo(self, model, optimizer):
+        """The starting point of the validation curve (after the cold start, if any), or a validation a stop
+        request abandoned; the progress bar."""
+        if (self.state.step == 0 or self.state.validation_due) and self.cfg.steps > 0:
             model.eval()
-            self.validate(model)
+            self._validate(model, optimizer)
         if self.state.step < self.cfg.steps:
             self.bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="GRPO", disable=self.ranks.rank != 0)
 
@@ -340,7 +375,7 @@ class Run:
             examples, texts, rewards, batch = samples
             self.log.sample(state.step, examples, texts, rewards, batch.prompt_index.tolist())
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            self.validate(model)
+            self._validate(model, optimizer)
         due = state.step % cfg.save_every == 0 or state.step == cfg.steps
         if due and not self.bad_steps:
             self.save(model, optimizer)  # never right after a non-finite step: the weights may be the cause
@@ -348,6 +383,16 @@ class Run:
             self._stop_now(model, optimizer, due, f"at step {state.step}")
         if state.step == cfg.steps:
             self.bar.close()
+
+    def _validate(self, model, optimizer):
+        """validate(model); a stop request during it gives it up: the step is saved with its validation
+        still due (--resume does it first) and the run exits 130."""
+        try:
+            self.validate(model)
+        except Abandoned:
+            self.state.validation_due = True
+            self._stop_now(model, optimizer, False, f"at step {self.state.step}, before its validation")
+        self.state.validation_due = False
 
     def _warn_no_signal(self):
         fix = ("the cold start did not teach it: more traces or SFT (--cold-start-size, --sft-epochs, --sft-lr)"

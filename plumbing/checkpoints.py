@@ -37,7 +37,7 @@ from model import (
     rope_inv_freq,
 )
 from plumbing import parallel
-from plumbing.runs import WriteError, written_dir
+from plumbing.runs import WriteError, write_text, written_dir
 
 # -----------------------------------------------------------------------------
 # Hugging Face checkpoint folders
@@ -190,6 +190,8 @@ class TrainerState:
     sft_step: int | None = None  # set while RecOne's cold-start SFT runs: the batches it has done
     sft_traces: str | None = None  # the cold-start traces (JSONL), so a resumed SFT needs no teacher
     notes: list[str] = field(default_factory=list)  # warnings results.md repeats (plumbing/collapse.py)
+    validation_due: bool = False  # a stop request abandoned this step's validation: --resume does it first
+    tested: bool = False  # the final test has been written (a run stopped during it is resumed to do it)
 
     @staticmethod
     def read(path) -> TrainerState:
@@ -199,7 +201,8 @@ class TrainerState:
         start_test = saved.get("start_test", saved.get("cold_start"))  # "cold_start" before 2026-12
         return TrainerState(saved["step"], start_test, saved.get("start_model"),
                             BestSoFar(**best) if best else None, saved.get("data_fingerprint"),
-                            saved.get("sft_step"), saved.get("sft_traces"), saved.get("notes") or [])
+                            saved.get("sft_step"), saved.get("sft_traces"), saved.get("notes") or [],
+                            bool(saved.get("validation_due")), saved.get("tested", True))
 
 
 def _count(value) -> bool:
@@ -222,6 +225,8 @@ _STATE_FIELDS = {
     "start_test": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "cold_start": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "best": (lambda v: v is None or _best(v), "null or {step, mae, path}"),
+    **{name: (lambda v: v is None or isinstance(v, bool), "true, false or null")
+       for name in ("validation_due", "tested")},
     "notes": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
               "a list of strings or null"),
     **{name: (lambda v: v is None or isinstance(v, str), "a string or null")
@@ -257,6 +262,15 @@ def save_checkpoint(path: Path, model, tok_dir, optimizer, state: TrainerState, 
     saved = {**asdict(state), "args": flags, "param_groups": opt["param_groups"]}
     write_model(model, weights, path, tok_dir, extra_files={"optimizer.safetensors": save(tensors),
                                                             "trainer_state.json": json.dumps(saved, indent=1)})
+
+
+def mark_tested(path) -> None:
+    """Record in path/trainer_state.json that the run's final test is written: a --resume with no more
+    steps then has nothing to do (before, it finishes the test a stop request abandoned)."""
+    f = Path(path) / "trainer_state.json"
+    saved = json.loads(f.read_text())
+    saved["tested"] = True
+    write_text(f, json.dumps(saved, indent=1))
 
 
 def load_adapters(path, model) -> None:

@@ -152,7 +152,8 @@ class RunConfig:
     # evaluation, logging, checkpoints
     eval_size: int = option("test examples scored (greedy), drawn at random when the test split has more; the demo "
                             "scores every test user", 1000, 1200, valid=at_least(1))
-    valid_size: int = option("validation examples scored (greedy) every --eval-every steps", 1000, 300,
+    valid_size: int = option("validation examples scored (greedy) every --eval-every steps; the evaluation plan "
+                             "printed at the start says what share of the run they take", 200, 300,
                              valid=at_least(1))
     eval_every: int = option("evaluate on validation examples every N steps", 50, 10, valid=at_least(1))
     expected_rating: bool = option("also score every test row of the LLM by its expected rating: the probabilities "
@@ -172,7 +173,9 @@ class RunConfig:
     resume_override: str | None = option("with --resume: comma-separated flags allowed to differ from the "
                                          "checkpoint's anyway (e.g. lr after a divergence)")
     # numerics and hardware
-    dtype: str = option("compute dtype (autocast); auto: bf16 on CUDA, fp32 on CPU", "auto",
+    dtype: str = option("compute dtype (autocast); auto: bf16 on CUDA, and for a real checkpoint on a CPU with "
+                        "bf16 matrix units (AMX, AVX512-BF16: /proc/cpuinfo); fp32 otherwise, and for the demo "
+                        "(its numbers stay the same on every machine)", "auto",
                         choices=("auto", "fp32", "bf16", "fp16"))
     master_weights: str = option("dtype of the trained weights and AdamW state: fp32 (a 2e-6 step is below "
                                  "bf16's resolution) or the compute dtype (halves memory)", "fp32",
@@ -184,8 +187,10 @@ class RunConfig:
     threads: int = option("CPU threads (0: torch's default)", 0, valid=at_least(0, "0: torch's default"))
     # the prompt
     system_prompt: str = option("'full' (the four-step prompt), 'short', or a file", "full", "short")
-    max_user_history: int = option("user history entries shown (the paper: 10)", 10, 6, valid=at_least(1))
-    max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6, valid=at_least(1))
+    max_user_history: int = option("user history entries shown (the paper: 10)", 10, 6,
+                                   valid=Range(1, 10_000, why="entries shown in one prompt"))
+    max_item_history: int = option("item history entries shown (the paper: 10)", 10, 6,
+                                   valid=Range(1, 10_000, why="entries shown in one prompt"))
     item_texts: str = option("show the target item's earlier reviews and summaries", "on", "off",
                              choices=("on", "off"))
     mark_shared: str = option("mark user-history entries that share a category with the target item (ours: the "
@@ -278,7 +283,8 @@ def saved_run(checkpoint: str) -> dict:
     except CheckpointError as e:
         fail(str(e))
     _check_saved_flags(path / "trainer_state.json", saved["args"])
-    return {"step": saved["step"], "args": saved["args"], "in_sft": saved.get("sft_step") is not None}
+    return {"step": saved["step"], "args": saved["args"], "in_sft": saved.get("sft_step") is not None,
+            "tested": saved.get("tested", True)}  # before 2026-12 only finished runs were resumed to their end
 
 
 def _trained_flags(given: dict) -> dict:
@@ -317,6 +323,8 @@ def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
         value, old = given[name], saved["args"].get(name, default)
         if value is None:
             value = default if name in LAUNCH_FLAGS else old
+            if name == "out":  # the run's folder is where its checkpoint is, wherever this is started from
+                value = str(Path(given["resume"]).absolute().parent)
         elif value != old and name not in allowed:
             changed.append(f"--{name.replace('_', '-')} {value} (checkpoint: {old})")
         values[name] = value
@@ -331,7 +339,8 @@ def _resume_values(given: dict, saved: dict, defaults: dict) -> dict:
     if saved["in_sft"] and values["mode"] != "recone":
         fail(f"--resume {given['resume']}: a checkpoint written during the cold-start SFT can only finish it "
              "(--mode recone); start a new --mode reczero run with --model instead")
-    if not (values["eval_only"] or values["dry_run"] or saved["in_sft"]) and values["steps"] <= saved["step"]:
+    untested = values["steps"] == saved["step"] and not saved["tested"]  # stopped during its final test
+    if not (values["eval_only"] or values["dry_run"] or saved["in_sft"] or untested) and values["steps"] <= saved["step"]:
         fail(f"--steps {values['steps']}: the checkpoint is already at step {saved['step']}, so there is "
              "nothing to do; ask for more steps, or --eval-only to score it")
     return values
@@ -365,6 +374,8 @@ def parse_args(argv=None) -> RunConfig:
         taken = _trained_flags(given) if given["eval_only"] and given["model"] else given
         cfg = RunConfig(**{name: default if taken[name] is None else taken[name] for name, default in defaults.items()})
     _warn_ignored(given, cfg)
+    if cfg.out.strip():  # absolute in the checkpoint, so --resume works from any directory
+        cfg.out = os.path.abspath(cfg.out)
     return cfg
 
 
@@ -439,6 +450,10 @@ def check_args(cfg: RunConfig):
              f"--nproc-per-node {world} train.py ..., or unset WORLD_SIZE")
     if cfg.prompts_per_step % int(world):
         fail("--prompts-per-step must be divisible by the number of ranks")
+    if cfg.dtype == "fp16" and cfg.master_weights == "same" and not (cfg.eval_only or cfg.dry_run):
+        fail("--dtype fp16 --master-weights same cannot train: fp16 weights have no loss scaling here and "
+             "AdamW's eps (1e-8) rounds to 0 in fp16, so the first updates overflow; use --dtype bf16, or keep "
+             "--master-weights fp32")
     if cfg.filter_groups and int(world) > 1:
         fail("--filter-groups runs in one process: under torchrun the ranks would draw different numbers of prompts")
     check_device(cfg.device)

@@ -198,3 +198,22 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
                        grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1,
                        teacher=teacher, eval_rows=min(EVAL_BATCH, -(-len(task.test) // world)))
+
+
+def evaluation_plan(cfg: RunConfig, task: TaskData, prompt_tokens: int) -> str:
+    """What the run's greedy evaluations will cost, printed beside the memory plan: how many examples, how
+    often, how many tokens at most, and a rough share of the run's compute. Compute is counted in token
+    passes at the longest prompt and the full --max-new-tokens: a forward pass each for sampling and
+    evaluation, three (forward and backward) for the update; the cold-start SFT is left out."""
+    new, tests = cfg.max_new_tokens, len(task.test) * (1 + cfg.expected_rating)  # the read-out: one more pass
+    if cfg.eval_only:
+        return f"evaluation plan: {len(task.test):,} test examples, greedy, up to {new} new tokens each"
+    checks = cfg.steps // cfg.eval_every + 1 + (cfg.steps % cfg.eval_every > 0) if task.valid else 0
+    evaluated = checks * len(task.valid) + 2 * tests  # validations, and the start's and the final test
+    rollout = cfg.prompts_per_step * (prompt_tokens + cfg.samples * new)  # a step's prompts and completions
+    training = cfg.steps * rollout * (1 + 3 * cfg.mu)
+    share = evaluated * (prompt_tokens + new) / (evaluated * (prompt_tokens + new) + training)
+    return (f"evaluation plan: {len(task.valid):,} validation examples at step 0, every {cfg.eval_every} steps and "
+            f"at the end ({checks} times); {len(task.test):,} test examples twice (the starting model, the final "
+            f"one); greedy, up to {new} new tokens each: about {share:.0%} of the run's compute after the cold "
+            "start (--valid-size, --eval-every, --eval-size)")

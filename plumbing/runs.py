@@ -180,6 +180,7 @@ def locked(folder) -> Iterator[Path]:
     it. A PID left in the lock file by a process that no longer holds it (killed) is taken over with a
     warning. On leaving, the PID is erased, so a PID found there always means a run that was killed."""
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -206,6 +207,10 @@ def locked(folder) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # a clean exit: nothing for the next run to report
         os.close(fd)  # releases the lock
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:  # a run that failed its checks leaves nothing
+            with contextlib.suppress(OSError):
+                (folder / LOCK).unlink()
+                folder.rmdir()
 
 
 # -----------------------------------------------------------------------------

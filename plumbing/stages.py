@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lora import add_lora
 from model import CheckpointError, Tokenizer
-from plumbing.bookkeeping import GracefulStop, Run, RunLog
+from plumbing.bookkeeping import Abandoned, GracefulStop, Run, RunLog
 from plumbing.checkpoints import (
     BestSoFar,
     TrainerState,
@@ -34,6 +34,7 @@ from plumbing.checkpoints import (
     load_config,
     load_model,
     load_optimizer,
+    mark_tested,
     save_checkpoint,
     save_model,
 )
@@ -45,11 +46,12 @@ from plumbing.experiment import (
     demo_config,
     demo_model,
     demo_tokenizer,
+    evaluation_plan,
     load_task,
     memory_plan,
     trace_fidelity,
 )
-from plumbing.memory import device_bytes, fits
+from plumbing.memory import device_bytes, fits, prompt_length
 from plumbing.parallel import end_distributed, setup_distributed, shard
 from plumbing.readers import DataError
 from plumbing.report import (
@@ -102,8 +104,8 @@ def session(cfg: RunConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype) or auto_dtype(
+        device, cfg.demo)
     weights = torch.float32 if cfg.master_weights == "fp32" else compute
     stop = GracefulStop(saves=not (cfg.eval_only or cfg.dry_run))
     folder = run_folder(cfg.out, eval_only=cfg.eval_only, dry_run=cfg.dry_run, overwrite=cfg.overwrite,
@@ -116,8 +118,41 @@ def session(cfg: RunConfig):
     except KeyboardInterrupt:  # a second signal (or the first, in a run that saves nothing): stop here
         print(f"\ninterrupted{' again' if stop.saves else ''}: stopped without saving", file=sys.stderr)
         sys.exit(130)
+    except Abandoned as e:  # a stop request during an evaluation that no step depends on (GRPO's own: Run)
+        print(f"stopped: {e.what} abandoned; {_what_stands(Path(cfg.out) / 'checkpoint')}", file=sys.stderr)
+        sys.exit(130)
     except (CheckpointError, DataError, WriteError, FolderError) as e:  # a folder in use, a full disk, a cut file
         fail(str(e))
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX or AVX512-BF16; Arm's BF16 extension), read from
+    the kernel's CPU flags: the same answer every time, unlike timing a matmul, so a run's dtype (and its
+    numbers) do not depend on how busy the machine was when it started."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: assume none
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def auto_dtype(device: str, demo: bool) -> torch.dtype:
+    """--dtype auto: bf16 on CUDA, and on a CPU with bf16 matrix units for a real checkpoint (SmolLM2-135M,
+    forward and backward of 16 x 256 tokens on 2 cores with AMX: 5.5 s against 15.3 s in fp32); fp32
+    otherwise, and always for the demo, whose numbers then stay the same on every machine."""
+    if device.startswith("cuda") or (not demo and device == "cpu" and cpu_bf16_units()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _what_stands(checkpoint: Path) -> str:
+    """What a run stopped outside its loops can be resumed from, in words."""
+    try:
+        state = TrainerState.read(checkpoint)
+    except CheckpointError:
+        return "nothing was saved yet: start the run again (--overwrite)"
+    where = "the end of the cold-start SFT" if state.sft_step is not None else f"step {state.step}"
+    return f"{checkpoint} ({where}) stands: --resume {checkpoint} does it again"
 
 
 def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, stop: GracefulStop) -> Setup | None:
@@ -152,6 +187,7 @@ def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, 
         plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world)
         if ranks.rank == 0:
             print(plan.describe())
+            print(evaluation_plan(cfg, task, prompt_length([prompter(e) for e in task.train[:256]])))
         if cfg.dry_run:
             return None
         if problem := fits(plan, device_bytes(device), evaluation=cfg.eval_only):  # scoring holds no gradients
@@ -203,8 +239,9 @@ def score(s: Setup, model, examples, desc: str, fidelity=None, save_to: Path | N
           expected: bool = False) -> RatingMetrics:
     """Greedy decoding on `examples` (report.evaluate), every rank its share; save_to: their predictions;
     expected: also the expected-rating read-out."""
-    return evaluate(model, s.tok, s.prompter, examples, s.task.fallback, s.cfg.max_new_tokens, desc=desc,
-                    fidelity=fidelity, scale=s.task.scale, dist=s.ranks, save_to=save_to, expected=expected)
+    with s.stop.abandoning(f"the {desc.replace('valid', 'validation')}"):  # a stop request gives it up at once
+        return evaluate(model, s.tok, s.prompter, examples, s.task.fallback, s.cfg.max_new_tokens, desc=desc,
+                        fidelity=fidelity, scale=s.task.scale, dist=s.ranks, save_to=save_to, expected=expected)
 
 
 def score_test(s: Setup, model, name: str, desc: str, fidelity=None) -> RatingMetrics:
@@ -216,8 +253,9 @@ def score_test(s: Setup, model, name: str, desc: str, fidelity=None) -> RatingMe
 
 def baselines(s: Setup) -> list[tuple[str, RatingMetrics]]:
     """The classic baselines' test rows (fitted on the training split), logged."""
-    rows = baseline_rows(s.task.baselines, s.task.test, s.fidelity,
-                         s.out / "predictions" if s.ranks.rank == 0 else None)
+    with s.stop.abandoning("the baselines' test rows"):
+        rows = baseline_rows(s.task.baselines, s.task.test, s.fidelity,
+                             s.out / "predictions" if s.ranks.rank == 0 else None)
     for name, m in rows:
         s.log({"stage": "baseline", "name": name, **asdict(m)})
     return rows
@@ -283,7 +321,8 @@ def cold_start_data(s: Setup) -> list[Trace]:
     """RecOne's traces: asked of the teacher by a new run (and kept in OUT/cold_start_traces.jsonl),
     read back by a run resumed in its SFT."""
     if s.state.sft_step is None:
-        traces = cold_start_traces(s.cfg, s.task, s.prompter, s.compute_dtype, s.device, s.log, s.ranks)
+        with s.stop.abandoning("the teacher's traces"):
+            traces = cold_start_traces(s.cfg, s.task, s.prompter, s.compute_dtype, s.device, s.log, s.ranks)
         s.state.sft_step, s.state.sft_traces = 0, str(s.out / "cold_start_traces.jsonl")
         if s.ranks.rank == 0:
             save_traces(traces, Path(s.state.sft_traces))
@@ -350,13 +389,19 @@ def final_test(s: Setup, model, rows) -> None:
     pred = s.out / "predictions"
     against = [(start, "test_start"), ("matrix factorisation", "baseline-mf"), ("user+item bias", "baseline-bias")]
     # a run resumed into another --out finds its cold start's predictions in the first run's folder only
-    intervals = [(f"after GRPO - {name}", compare(pred / "test.jsonl", pred / f"{stem}.jsonl"))
-                 for name, stem in against if (pred / f"{stem}.jsonl").exists()]
-    for name, iv in intervals:
-        s.log({"stage": "interval", "name": name, **asdict(iv)})
-    table = results_table(rows) + f"\n\nOn the same {final.n} test examples:\n\n" + interval_table(intervals)
+    table = results_table(rows) + f"\n\nOn the same {final.n} test examples:\n\n"
+    if final.n >= 2:
+        intervals = [(f"after GRPO - {name}", compare(pred / "test.jsonl", pred / f"{stem}.jsonl"))
+                     for name, stem in against if (pred / f"{stem}.jsonl").exists()]
+        for name, iv in intervals:
+            s.log({"stage": "interval", "name": name, **asdict(iv)})
+        table += interval_table(intervals)
+    else:  # one example resampled is itself: a zero-width "interval" would look like certainty
+        table += "too few test examples for an interval (--eval-size 2 or more)"
     if state.notes:  # the start check and any collapse (plumbing/collapse.py)
         table += "\n\nBefore and during GRPO:\n\n" + "\n".join(f"- {line}" for line in state.notes)
     write_text(s.out / "results.md", table + "\n")
+    if (s.out / "checkpoint").exists():
+        mark_tested(s.out / "checkpoint")  # a --resume with no more steps now has nothing to do
     print(table)
     plot(s.out)

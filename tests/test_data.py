@@ -559,3 +559,27 @@ def test_build_examples_drops_thin_histories():
     assert ex[0].item_avg == 4.0 and ex[0].user_avg == pytest.approx(3.0)
     assert build_examples(data, [repeat], min_total=5) == []  # 3 + 1 entries < 5
     assert len(build_examples(data, [repeat], max_user_history=1, min_total=2)[0].user_history) == 1
+
+
+def brute_force_histories(ratings, t, k_user, k_item):
+    """The plain definition, in O(n) per target: the last k of the user's earlier ratings of other items, and
+    of the item's earlier ratings by other users, in time order (file order within a time)."""
+    ordered = sorted(ratings, key=lambda r: r.time)
+    mine = [r for r in ordered if r.user_id == t.user_id and r.time < t.time and r.item_id != t.item_id]
+    others = [r for r in ordered if r.item_id == t.item_id and r.time < t.time and r.user_id != t.user_id]
+    return mine[-k_user:], others[-k_item:]
+
+
+def test_histories_with_many_repeats_equal_the_plain_definition():
+    """Users who re-rate the same few items again and again (what made history building quadratic: the
+    walk back through an item's ratings passed every one of the user's own) give the histories of the
+    plain definition, entry for entry."""
+    rng = np.random.default_rng(0)
+    ratings = [Rating(f"u{rng.integers(4)}", f"i{rng.integers(3)}", float(rng.integers(1, 6)), int(rng.integers(200)))
+               for _ in range(600)]
+    data = RatingData("repeats", ratings, {})
+    examples = build_examples(data, ratings, max_user_history=4, max_item_history=3, min_total=1)
+    assert len(examples) > 300
+    for e in examples:
+        mine, others = brute_force_histories(ratings, e.target, 4, 3)
+        assert [r for r, _ in e.user_history] == mine and e.item_history == others

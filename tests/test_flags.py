@@ -99,6 +99,11 @@ def test_split_flag_reaches_the_data():
     (["--rationalise-rate", "1.5"], "--rationalise-rate 1.5: must be in [0, 1]"),
     (["--lora-rank", "4"], "--lora-rank needs --model"),
     (["--fsdp"], "--fsdp shards the model across the processes of a torchrun job"),
+    (["--max-user-history", str(10**23)], f"--max-user-history {10**23}: must be in [1, 10000] (entries shown"),
+    (["--max-item-history", "0"], "--max-item-history 0: must be in [1, 10000]"),
+    (["--dtype", "fp16", "--master-weights", "same"], "--dtype fp16 --master-weights same cannot train: fp16 "
+                                                      "weights have no loss scaling here and AdamW's eps"),
+    (["--extra-draws", "0", "--filter-groups"], "--extra-draws 0: must be >= 1"),
 ])
 def test_flags_that_make_no_sense_stop_before_any_work(args, message, capsys):
     """Every numeric flag is checked against its range at once: one line, exit code 2."""

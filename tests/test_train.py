@@ -379,18 +379,6 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
     assert "| model" in capsys.readouterr().out
 
 
-def test_a_stop_at_the_last_step_still_writes_the_results(tmp_path, monkeypatch):
-    real = bookkeeping.GracefulStop.installed
-
-    def requested(self):
-        self.requested = "SIGTERM"
-        return real(self)
-
-    monkeypatch.setattr(bookkeeping.GracefulStop, "installed", requested)
-    train.main(TINY + ["--mode", "reczero", "--steps", "1", "--out", str(tmp_path)])  # stop asked all along
-    assert (tmp_path / "results.md").exists()
-
-
 def test_an_sft_only_run_stopped_in_the_cold_start_resumes(tmp_path, monkeypatch):
     """--steps 0 (cold start only), stopped mid-SFT: the checkpoint is at GRPO step 0, which is not
     'nothing to do' while the SFT is unfinished."""
