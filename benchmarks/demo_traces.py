@@ -43,21 +43,41 @@ def mean(xs) -> str:
     return f"{statistics.fmean(xs):.2f}" if xs else "-"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="the OUT directory of a finished demo run")
-    p.add_argument("--examples", type=int, default=4, help="moved ratings to print")
-    args = p.parse_args(argv)
-    saved = json.loads((args.out / "checkpoint" / "trainer_state.json").read_text())
+def read_run(out: Path):
+    """A finished demo run's test outputs: (keys, texts by model, truths, judgements by model, step);
+    models "cold start" (OUT/predictions/test_start.jsonl) and "GRPO" (test.jsonl)."""
+    saved = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     args_, step = saved["args"], saved["step"]
     if args_["mode"] != "recone" or args_["teacher"] != "heuristic" or args_["sft_traces"]:
-        sys.exit(f"{args.out}: not a run with the heuristic teacher's cold start")
-    rows = {name: read_predictions(args.out / "predictions" / f"{stem}.jsonl")
+        sys.exit(f"{out}: not a run with the heuristic teacher's cold start")
+    rows = {name: read_predictions(out / "predictions" / f"{stem}.jsonl")
             for name, stem in (("cold start", "test_start"), ("GRPO", "test"))}
     keys = sorted(rows["GRPO"])
     texts = {name: [r[k]["text"] for k in keys] for name, r in rows.items()}
     truths = [rows["GRPO"][k]["label"] for k in keys]
     judged = {name: [read_judgement(t) for t in ts] for name, ts in texts.items()}
+    return rows, keys, texts, truths, judged, step
+
+
+def by_judgement(truths, judged) -> dict:
+    """{(taste, reception): {"truth": [...], "cold start": [...], "GRPO": [...]}}: the ratings of the
+    examples whose trace after GRPO writes that pair (the reasoning rarely changes), in the words' order."""
+    cells = defaultdict(lambda: defaultdict(list))
+    for i, truth in enumerate(truths):
+        j = judged["GRPO"][i]
+        cells[(j.taste, j.reception)]["truth"].append(truth)
+        for name in judged:
+            if judged[name][i].rating is not None:
+                cells[(j.taste, j.reception)][name].append(judged[name][i].rating)
+    return {(t, r): cells[(t, r)] for t in TASTE[0] for r in RECEPTION[0] if (t, r) in cells}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="the OUT directory of a finished demo run")
+    p.add_argument("--examples", type=int, default=4, help="moved ratings to print")
+    args = p.parse_args(argv)
+    rows, keys, texts, truths, judged, step = read_run(args.out)
 
     # 1. the reasoning kept, the rating moved?
     n = len(truths)
@@ -70,22 +90,11 @@ def main(argv=None):
         print(f"{name}: test MAE {m.mae:.3f}, format valid {m.valid_rate:.0%}, pred std {m.pred_std:.2f}")
 
     # 2. rating by written judgement (the GRPO model's words: the reasoning rarely changes)
-    cells = defaultdict(lambda: defaultdict(list))
-    for i in range(n):
-        j = judged["GRPO"][i]
-        key = (j.taste, j.reception)
-        cells[key]["truth"].append(truths[i])
-        for name in judged:
-            if judged[name][i].rating is not None:
-                cells[key][name].append(judged[name][i].rating)
     print("\n| the trace says: taste | reception | n | true rating | cold start | GRPO |")
     print("|---|---|---|---|---|---|")
-    for taste in TASTE[0]:
-        for rec in RECEPTION[0]:
-            c = cells.get((taste, rec))
-            if c:
-                print(f"| {taste} | {rec} | {len(c['truth'])} | {mean(c['truth'])} | {mean(c['cold start'])} "
-                      f"| {mean(c['GRPO'])} |")
+    for (taste, rec), c in by_judgement(truths, judged).items():
+        print(f"| {taste} | {rec} | {len(c['truth'])} | {mean(c['truth'])} | {mean(c['cold start'])} "
+              f"| {mean(c['GRPO'])} |")
 
     # 3. examples
     shown = {}  # one example per kind of move

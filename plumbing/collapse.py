@@ -35,6 +35,7 @@ class StartCheck:
     constant: float  # the constant rating
     constant_mae: float
     bias_mae: float
+    mf_mae: float  # matrix factorisation's, for the record (the line leaves it out)
     diff: float  # MAE(model) - MAE(constant), with its paired bootstrap 95% interval (None for n < 2)
     low: float | None
     high: float | None
@@ -52,9 +53,10 @@ def start_check(examples, ratings: list[float | None], baselines) -> StartCheck:
     truth, constant = [e.label for e in examples], baselines["constant"].mu
     model = [abs((constant if p is None else p) - y) for p, y in zip(ratings, truth)]
     const = [abs(baselines["constant"].predict(e.target.user_id, e.target.item_id) - y) for e, y in zip(examples, truth)]
-    bias = [abs(baselines["bias"].predict(e.target.user_id, e.target.item_id) - y) for e, y in zip(examples, truth)]
+    bias, mf = ([abs(baselines[name].predict(e.target.user_id, e.target.item_id) - y) for e, y in zip(examples, truth)]
+                for name in ("bias", "mf"))
     iv = paired_bootstrap(model, const) if len(examples) >= 2 else None
-    return StartCheck(len(examples), fmean(model), baselines["constant"].mu, fmean(const), fmean(bias),
+    return StartCheck(len(examples), fmean(model), baselines["constant"].mu, fmean(const), fmean(bias), fmean(mf),
                       fmean(model) - fmean(const), iv and iv.low, iv and iv.high)
 
 

@@ -125,12 +125,12 @@ def session(cfg: RunConfig):
         fail(str(e))
 
 
-def cpu_bf16_units() -> bool:
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has bf16 matrix units (Intel AMX or AVX512-BF16; Arm's BF16 extension), read from
     the kernel's CPU flags: the same answer every time, unlike timing a matmul, so a run's dtype (and its
     numbers) do not depend on how busy the machine was when it started."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        flags = set(Path(cpuinfo).read_text().split())
     except OSError:  # not Linux: assume none
         return False
     return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})

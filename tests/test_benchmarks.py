@@ -103,6 +103,14 @@ def test_demo_seeds_end_to_end_tiny(tmp_path, capsys):
     assert f"cold start: test MAE {start:.3f}" in printed and f"GRPO: test MAE {final:.3f}" in printed
     assert "6 test examples, step 2" in printed and "| the trace says: taste |" in printed
 
+    # the README's pictures, from the same folder (skipped only without matplotlib, a dev requirement)
+    pytest.importorskip("matplotlib")
+    import figures
+
+    made = figures.main(["demo", str(tmp_path), "--to", str(tmp_path / "docs")])
+    assert [p.name for p in made] == ["demo_learning.png", "demo_traces.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size < 400_000 for p in made)
+
 
 def test_memory_table(capsys):
     """The README's memory table: the three Qwen2.5 shapes have their published sizes, full fine-tuning
@@ -204,6 +212,11 @@ def test_real_ratings_quick(tmp_path, capsys):
     assert "The start check before GRPO" in text and seed["start_check"]["n"] == 4
     (again,) = real_ratings.main(args)
     assert again["seconds"] == {} and again["methods"] == seed["methods"]
+    pytest.importorskip("matplotlib")
+    import figures
+
+    (made,) = figures.main(["real", str(tmp_path / "real"), "--to", str(tmp_path / "docs")])
+    assert made.name == "real_ratings.png" and made.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_grpo_step_runs_through_the_lesson_files_only():
@@ -217,3 +230,14 @@ def test_one_grpo_step_runs_through_the_lesson_files_only():
     names = {name for functions in path.values() for name, _, _ in functions}
     assert {"train_grpo", "grpo_update", "generate", "compute_reward", "Run.after_step"} <= names
     assert max(n for functions in path.values() for _, _, n in functions) <= 60
+
+
+def test_bench_bf16_quick(capsys):
+    """fp32 against bf16 autocast, one GRPO step and one SFT batch, and their logits: within bf16's
+    precision (8 bits of mantissa: ~1e-2 on logits of order 1)."""
+    import bench_bf16
+
+    results, diff = bench_bf16.main(["--quick", "--threads", "1"])
+    assert set(results) == {"fp32", "bf16"} and all(t > 0 for pair in results.values() for t in pair)
+    assert 0 < diff < 0.05
+    assert "| one GRPO step" in capsys.readouterr().out

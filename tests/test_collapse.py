@@ -32,7 +32,7 @@ class Fixed:
         return self.mu
 
 
-BASELINES = {"constant": Fixed(4.0), "bias": Fixed(3.5)}
+BASELINES = {"constant": Fixed(4.0), "bias": Fixed(3.5), "mf": Fixed(4.5)}
 
 
 def test_start_check_by_hand():
@@ -41,7 +41,7 @@ def test_start_check_by_hand():
     (1.0). The model beats the constant by 0.5, inside its paired interval."""
     c = start_check(examples([4.0, 4.0, 2.0, 5.0]), [4.0, None, 2.0, 4.0], BASELINES)
     assert (c.n, c.mae, c.constant, c.constant_mae, c.bias_mae, c.diff) == (4, 0.25, 4.0, 0.75, 1.0, -0.5)
-    assert c.beats_constant and c.low <= -0.5 <= c.high
+    assert c.beats_constant and c.low <= -0.5 <= c.high and c.mf_mae == 1.0  # 0.5, 0.5, 2.5, 0.5
     never = start_check(examples([4.0, 4.0, 2.0, 5.0]), [None] * 4, BASELINES)  # writes no rating at all
     assert never.mae == never.constant_mae and not never.beats_constant
     one = start_check(examples([3.0]), [3.0], BASELINES)  # one example: no interval

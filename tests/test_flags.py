@@ -344,3 +344,23 @@ def test_the_test_examples_do_not_depend_on_the_validation_size():
         return [e.target.key for e in load_task(cfg).test]
 
     assert test_keys(5) == test_keys(17)
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_has_bf16_units(tmp_path, monkeypatch):
+    """--dtype auto: bf16 on CUDA, and for a real checkpoint on a CPU whose flags name bf16 matrix units
+    (AMX, AVX512-BF16, Arm's BF16); fp32 on other CPUs and always for the demo."""
+    import torch
+
+    from plumbing import stages
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    plain.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
+    assert stages.cpu_bf16_units(str(amx)) and not stages.cpu_bf16_units(str(plain))
+    assert not stages.cpu_bf16_units(str(tmp_path / "missing"))
+    monkeypatch.setattr(stages, "cpu_bf16_units", lambda: True)
+    assert stages.auto_dtype("cpu", demo=False) == torch.bfloat16
+    assert stages.auto_dtype("cpu", demo=True) == torch.float32  # the demo's numbers: the same everywhere
+    monkeypatch.setattr(stages, "cpu_bf16_units", lambda: False)
+    assert stages.auto_dtype("cpu", demo=False) == torch.float32
+    assert stages.auto_dtype("cuda", demo=True) == stages.auto_dtype("cuda:1", demo=False) == torch.bfloat16
