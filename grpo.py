@@ -33,7 +33,7 @@ Choices and simplifications:
   carry skipped=1.0 and the remaining passes are abandoned. A step that leaves a weight non-finite
   is reported as weights_finite=0.0: the caller must not keep those weights.
 - Several processes: grpo_update asks `ranks` for everything that involves the other processes
-  (sums over ranks, gradient shards, the verdict on finiteness). Alone (plumbing/bookkeeping.OneProcess)
+  (sums over ranks, gradient shards, the verdict on finiteness). Alone (OneProcess, below)
   each of those calls returns its input; under torchrun plumbing/parallel.Distributed sums token
   counts, gradients and losses over the ranks, so N ranks take exactly the step one process would
   take on all their groups.
@@ -52,6 +52,7 @@ and the tied embedding's sparse lookup gradient alone could not be clipped).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -59,7 +60,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model import Generation, right_pad
-from plumbing.bookkeeping import OneProcess
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -296,6 +296,36 @@ def clipped_surrogate(logp, old_logp, advantages, clip_low: float = 0.2, clip_hi
     loss = torch.maximum(unclipped, clipped)  # min of the objectives = max of the losses
     r = ratio.detach()
     return loss, r, (advantages < 0) & (r < 1 - clip_low), (advantages > 0) & (r > 1 + clip_high)
+
+
+# -----------------------------------------------------------------------------
+# The other processes, when there are none (steps 6 and 7 ask them for sums)
+
+
+@dataclass
+class OneProcess:
+    """What the update asks of the other ranks, answered for a run of one process: every sum is its
+    input, there is no shard to gather or free. plumbing/parallel.Distributed answers the same calls
+    under torchrun (sums over ranks, FSDP shards); each answer here is one line, so they are written
+    as a table."""
+
+    device: str = "cpu"
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False
+
+    def all_reduce(self, t): return t  # a tensor summed over ranks, in place
+    def sum(self, x): return x  # a number summed over ranks
+    def all_agree(self, ok): return ok  # whether `ok` holds on every rank
+    def sum_gradients(self, params): pass  # data parallel: add the other ranks' parts
+    def scalar(self, t): return t.item()  # a one-element tensor's value (FSDP: of all shards)
+    def free(self, model): pass  # FSDP: release what a pass without backward gathered
+    def gathered(self, model): return contextlib.nullcontext(model)  # FSDP: the whole model
+    def barrier(self): pass
+    def gather_objects(self, part): return part  # every rank's list, in rank order
+
+    def all_finite(self, params) -> bool:  # every weight finite, on every rank (one device sync)
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 # -----------------------------------------------------------------------------

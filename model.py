@@ -245,10 +245,25 @@ class Attention(nn.Module):
                 k_cache[rows, :, cache_pos] = k[:, :, 0].to(k_cache.dtype)  # (under autocast k may be fp32)
                 v_cache[rows, :, cache_pos] = v[:, :, 0].to(v_cache.dtype)
                 k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.nh != self.nkv)
+        if x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype != torch.float32):
+            y = cpu_attention(q, k, v, mask, self.nh != self.nkv)  # speed-up: fp32 kernels on a CPU
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.nh != self.nkv)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
         return (out, new_kv) if return_kv else out
+
+
+def cpu_attention(q, k, v, mask, gqa: bool):
+    """Speed-up of scaled_dot_product_attention on a CPU computing in 16 bits (equal up to rounding):
+    torch's bf16 attention kernel there is slower than its fp32 one, 5.7x for a decoding step even with
+    the casts (benchmarks/bench_bf16.py), so attend in fp32, outside autocast (which would cast back),
+    and return the 16-bit dtype the next layer computes in. q (B, H, T, hd); k, v (B, Hkv, S, hd)."""
+    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=gqa)
+    return y.to(low)
 
 
 class MLP(nn.Module):
@@ -522,6 +537,8 @@ class KVCache:
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each row copied n times (row i -> rows i*n .. i*n+n-1): one prefill serves G samples."""
+        if n == 1:  # greedy evaluation: a copy would hold the whole cache twice
+            return self
         return KVCache([k.repeat_interleave(n, 0) for k in self.k], [v.repeat_interleave(n, 0) for v in self.v],
                        self.lengths.repeat_interleave(n, 0))
 

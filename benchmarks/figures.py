@@ -58,8 +58,9 @@ def demo_learning(folder: Path, to: Path) -> Path:
         checks += [r for r in rs if r.get("stage") == "start_check"]
         base = {r["name"]: r["mae"] for r in rs if r.get("stage") == "baseline"}
         test = {r.get("stage"): r["mae"] for r in rs if r.get("stage") in ("test_start", "test")}
+        constant = next((mae for name, mae in base.items() if name.startswith("best constant")), None)
         tests.append((run.name, test.get("test_start"), test.get("test"), base.get("matrix factorisation"),
-                      base.get("user+item bias")))
+                      base.get("user+item bias"), constant))
     steps = [s for s, _ in curves[0]]
     mean = [statistics.fmean(c[k][1] for c in curves if k < len(c)) for k in range(len(steps))]
     left.plot(steps, mean, color="tab:blue", lw=2.5, marker="o", label=f"LLM, mean of {len(seeds)} seeds")
@@ -69,14 +70,17 @@ def demo_learning(folder: Path, to: Path) -> Path:
             left.axhline(statistics.fmean(values), color=color, ls="--", lw=1.5, label=label)
     left.set(xlabel="GRPO step (step 0: the cold start)", ylabel="validation MAE (lower is better)",
              title="The demo learning: validation MAE during GRPO")
-    left.legend(frameon=False)
-    names = ("cold start", "after GRPO", "matrix factorisation", "user+item bias")
-    colors = ("tab:gray", "tab:blue", "tab:green", "tab:red")
-    for k, (name, color) in enumerate(zip(names, colors)):
+    left.legend(frameon=False, loc="lower left")
+    ticks = ("cold\nstart", "after\nGRPO", "MF", "bias", "best\nconstant")
+    colors = ("tab:gray", "tab:blue", "tab:green", "tab:red", "black")
+    shown = []
+    for k, color in enumerate(colors):
         values = [t[k + 1] for t in tests if t[k + 1] is not None]
-        right.scatter([k] * len(values), values, color=color, alpha=0.6, s=18)
-        right.hlines(statistics.fmean(values), k - 0.3, k + 0.3, color=color, lw=2.5)
-    right.set_xticks(range(4), ["cold\nstart", "after\nGRPO", "MF", "bias"])
+        if values:
+            right.scatter([len(shown)] * len(values), values, color=color, alpha=0.6, s=18)
+            right.hlines(statistics.fmean(values), len(shown) - 0.3, len(shown) + 0.3, color=color, lw=2.5)
+            shown.append(ticks[k])
+    right.set_xticks(range(len(shown)), shown)
     right.set(ylabel="test MAE (1,200 users)", title=f"Test MAE, each of {len(seeds)} seeds (bar: mean)")
     fig.tight_layout()
     return save(fig, to / "demo_learning.png", plt)

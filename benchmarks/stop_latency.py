@@ -23,17 +23,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = ["--mode", "reczero", "--valid-size", "1000", "--max-new-tokens", "1024", "--eval-every", "1",
-        "--synthetic-users", "1200", "--threads", "2"]
-# (case, flags, the progress bar whose appearance says the phase has started, which appearance)
-# (validation during GRPO takes the same path as the first one: tests/test_stop.py stops it at step 2)
-CASES = [("validation before step 1 (the start check)", ["--steps", "3"], "valid:", 1),
+        "--synthetic-users", "1200"]
+# (case, flags, the progress bar whose appearance says the phase has started, which appearance). The
+# starting model's test (1,200 examples) comes before everything else; the second case shrinks it to reach
+# the validation quickly. (Validation during GRPO takes the validation's path: tests/test_stop.py stops it
+# at step 2.)
+CASES = [("the starting model's test", ["--steps", "3"], "test (before RL):", 1),
+         ("validation before step 1 (the start check)", ["--steps", "3", "--eval-size", "10"], "valid:", 1),
          ("the final test", ["--steps", "1", "--valid-size", "10"], "test (GRPO):", 1)]
 
 
-def stop_during(flags: list[str], bar: str, nth: int, out: Path, wait: float = 3.0) -> tuple[float, int, str]:
+def stop_during(flags: list[str], bar: str, nth: int, out: Path, threads: int = 2,
+                wait: float = 3.0) -> tuple[float, int, str]:
     """Run train.py, SIGINT it `wait` s after the nth appearance of `bar` in its stderr; (seconds to exit
     after the signal, exit code, last line of stderr)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG, *flags, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG, *flags, "--threads", str(threads), "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     lines, sent = [], {}
 
@@ -60,11 +64,12 @@ def stop_during(flags: list[str], bar: str, nth: int, out: Path, wait: float = 3
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
     print("| stopped during | seconds from SIGINT to exit | exit code | the run's last line |\n|---|---|---|---|")
     for name, flags, bar, nth in CASES:
         with tempfile.TemporaryDirectory() as tmp:
-            seconds, code, last = stop_during(flags, bar, nth, Path(tmp) / "run")
+            seconds, code, last = stop_during(flags, bar, nth, Path(tmp) / "run", args.threads)
         print(f"| {name} | {seconds:.1f} | {code} | {last[:160]} |", flush=True)
 
 

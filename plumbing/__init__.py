@@ -4,8 +4,7 @@
   final test), the one way a model is loaded (LoRA, FSDP, gradient checkpointing), and session():
   folder, signals, autocast, torchrun, one line for an error a user can fix.
 - bookkeeping.py: what a run does around the lesson's loops (Run: log, validate, save, stop,
-  divergence and no-signal checks after each step), metrics.jsonl (RunLog), signals (GracefulStop),
-  and OneProcess: the other ranks when there are none.
+  divergence and no-signal checks after each step), metrics.jsonl (RunLog), signals (GracefulStop).
 - runs.py: one run per output folder (a lock, refusals, --eval-only's and --dry-run's folders) and
   files written whole or not at all (a full disk is one line naming the file).
 - cli.py: train.py's flags (RunConfig), their paper and demo defaults, and their checks.

@@ -5,8 +5,6 @@ read as the algorithm.
   run whose weights diverged (exit 3) or warn when its rewards give GRPO nothing to compare.
 - `RunLog`: metrics.jsonl and samples.txt.
 - `GracefulStop`: Ctrl-C and SIGTERM become a stop after the step in progress, with a checkpoint.
-- `OneProcess`: what the lesson asks of the other processes when there are none (each call returns
-  its input; under torchrun plumbing/parallel.Distributed answers the same calls).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from grpo import OneProcess
 from plumbing.runs import WriteError, written_file
 
 # -----------------------------------------------------------------------------
@@ -96,36 +95,6 @@ class RunLog:
             text = "".join(f"=== step {step} | truth {examples[p].label:g} | reward {rewards[first[p]].total:.3f}\n"
                            f"{texts[first[p]]}\n" for p in sorted(first)[:k])
             self._write(self.samples, self.samples_path, text)
-
-
-# -----------------------------------------------------------------------------
-# The other processes, when there are none
-
-
-@dataclass
-class OneProcess:
-    """What the lesson asks of the other ranks, answered for a run of one process: every sum is its
-    input, there is no shard to gather or free. plumbing/parallel.Distributed answers the same calls
-    under torchrun (sums over ranks, FSDP shards); each answer here is one line, so they are written
-    as a table."""
-
-    device: str = "cpu"
-    rank: int = 0
-    world: int = 1
-    fsdp: bool = False
-
-    def all_reduce(self, t): return t  # a tensor summed over ranks, in place
-    def sum(self, x): return x  # a number summed over ranks
-    def all_agree(self, ok): return ok  # whether `ok` holds on every rank
-    def sum_gradients(self, params): pass  # data parallel: add the other ranks' parts
-    def scalar(self, t): return t.item()  # a one-element tensor's value (FSDP: of all shards)
-    def free(self, model): pass  # FSDP: release what a pass without backward gathered
-    def gathered(self, model): return contextlib.nullcontext(model)  # FSDP: the whole model
-    def barrier(self): pass
-    def gather_objects(self, part): return part  # every rank's list, in rank order
-
-    def all_finite(self, params) -> bool:  # every weight finite, on every rank (one device sync)
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +223,7 @@ class Run:
 
     cfg: object
     out: Path
-    ranks: object  # OneProcess, or parallel.Distributed under torchrun
+    ranks: object  # grpo.OneProcess, or parallel.Distributed under torchrun
     log: RunLog
     state: object
     stop: GracefulStop | None

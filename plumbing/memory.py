@@ -19,12 +19,16 @@ In one process, fp32 weights with bf16 compute also hold autocast's bf16 copy of
 (its cast cache lives until the optimizer step).
 
 RecOne with a --teacher model holds that model (compute dtype) and its KV cache next to the weights
-during the cold start; it is freed before training, so the peak is the larger of the two phases.
-Greedy evaluation holds the weights and the KV cache of its batch (up to 64 examples at a time):
-what --eval-only needs (`fits(plan, capacity, evaluation=True)`).
+during the cold start; it is freed before training, so the peak is the largest of the phases.
+Greedy evaluation holds the weights (and autocast's copies), the KV cache of its batch (up to 64
+examples at a time) and, while it prefills their prompts, one layer's tensors at a time: what
+--eval-only needs (`fits(plan, capacity, evaluation=True)`); a validation between GRPO steps holds
+the same beside AdamW's moments. On a CPU the process's own memory (Python, torch, the data; measured
+when the plan is made) shares the device's and is added to every phase.
 
 Not counted: the allocator's fragmentation and workspace (often 5-15% on CUDA), CUDA context
-(~0.5 GB), temporaries inside single operations. The plan is a floor, not a promise.
+(~0.5 GB), temporaries inside single operations, and on a CPU the memory the allocator keeps after
+tensors are freed. The plan is a floor, not a promise: docs/running.md gives the measured peaks.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class MemoryPlan:
     teacher: int = 0  # RecOne's --teacher model and its KV cache, held with the weights during the cold start
     autocast_copies: int = 0  # bf16 copies autocast keeps of fp32 weights between optimizer steps
     eval_kv_cache: int = 0  # the KV cache of one batch of greedy evaluation (report.evaluate)
+    host: int = 0  # what the process held before the model (Python, torch, the data): host_bytes() on a CPU
+    eval_pass: int = 0  # the tensors one layer of the evaluation's prefill holds at once (no autograd)
 
     @property
     def total(self) -> int:
@@ -66,17 +72,23 @@ class MemoryPlan:
         training = (self.weights + self.gradients + self.optimizer + self.reference + self.autocast_copies
                     + max(self.kv_cache + self.gathered_sampling,
                           self.activations + self.largest_activation + self.gathered_update))
-        return max(training, self.weights + self.teacher)  # the teacher is freed before training starts
+        # the teacher is freed before training; a validation between steps holds AdamW but no gradients
+        validating = self.weights + self.optimizer + self.reference + self.autocast_copies + self.eval_kv_cache \
+            + self.eval_pass
+        return self.host + max(training, self.weights + self.teacher, validating)
 
     @property
     def evaluation(self) -> int:
-        """What scoring alone holds (--eval-only): the weights and one evaluation batch's KV cache."""
-        return self.weights + self.eval_kv_cache
+        """What scoring holds: the weights (and autocast's copies), one evaluation batch's KV cache and its
+        prefill's working tensors."""
+        return self.host + self.weights + self.autocast_copies + self.eval_kv_cache + self.eval_pass
 
     def describe(self) -> str:
-        rows = [("weights", self.weights), ("gradients", self.gradients), ("AdamW moments", self.optimizer),
+        rows = [("this process before the model (CPU: Python, torch, data)", self.host)] if self.host else []
+        rows += [("weights", self.weights), ("gradients", self.gradients), ("AdamW moments", self.optimizer),
                 ("reference model (--beta > 0)", self.reference), ("KV cache while sampling", self.kv_cache),
                 ("KV cache while evaluating (up to 64 examples at once)", self.eval_kv_cache),
+                ("evaluation's prefill, one layer's tensors", self.eval_pass),
                 ("activations of one micro-batch", self.activations),
                 ("largest single activation (output-head chunk)", self.largest_activation)]
         if self.autocast_copies:
@@ -86,9 +98,9 @@ class MemoryPlan:
         if self.gathered_sampling:
             rows += [("FSDP: whole weights gathered while sampling", self.gathered_sampling),
                      ("FSDP: units gathered during the update", self.gathered_update)]
-        rows += [("peak (cache or activations, not both; or the teacher)", self.total)]
+        rows += [("peak (cache or activations, not both; or the teacher, or a validation)", self.total)]
         head = f"memory plan: {self.parameters / 1e6:,.1f}M parameters, {self.trainable / 1e6:,.1f}M trained"
-        return "\n".join([head] + [f"  {name:<48} {_size(value):>10}" for name, value in rows])
+        return "\n".join([head] + [f"  {name:<58} {_size(value):>10}" for name, value in rows])
 
 
 def _size(n: int) -> str:
@@ -98,14 +110,16 @@ def _size(n: int) -> str:
 def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, lora_rank: int = 0,
                 lora_targets=lora.TARGETS, beta: float = 0.0, rows: int, prompt_tokens: int, new_tokens: int,
                 micro_batch: int, grad_checkpointing: bool = False, shards: int = 1,
-                teacher: int = 0, eval_rows: int = 0) -> MemoryPlan:
+                teacher: int = 0, eval_rows: int = 0, host: int = 0, cpu: bool = False) -> MemoryPlan:
     """The plan for one process. rows: completions sampled per step on this process (prompts x G);
     micro_batch: rows per forward/backward; prompt_tokens: the longest prompt expected.
     shards > 1 (FSDP over that many ranks): weights, gradients, AdamW and the reference are split
     evenly; sampling holds a whole copy of the weights in the compute dtype, the update two blocks,
     the root unit (embedding, final norm, head) and the root's gradient, gathered. teacher: the
     teacher_bytes() of a --teacher model this run's cold start loads, else 0. eval_rows: examples
-    decoded at once by the greedy evaluation."""
+    decoded at once by the greedy evaluation. host: bytes the process already holds besides the model
+    (host_bytes() when the device is the CPU, whose RAM they share; 0 on a GPU). cpu: the run computes
+    on a CPU, where a 16-bit run attends in fp32 (model.cpu_attention)."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -120,13 +134,31 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
     kv_width = c.num_kv_heads * c.head_dim
     kv_cache = 2 * c.num_layers * kv_width * rows * (prompt_tokens + new_tokens) * compute_bytes
     eval_kv_cache = 2 * c.num_layers * kv_width * eval_rows * (prompt_tokens + new_tokens) * compute_bytes
+    # a prefill without autograd holds one layer's tensors at a time: the residual stream and its norm,
+    # q, k, v and the attention output, and the MLP's gate, up, activation and product
+    # (the residual stream in the weights' dtype: fp32 under autocast, as in the activations below)
+    stream_bytes = weight_bytes if not lora_rank else compute_bytes
+    attention_bytes = 4 if cpu else compute_bytes  # model.cpu_attention
+    eval_pass = eval_rows * prompt_tokens * (4 * c.hidden_size * stream_bytes + (
+        2 * c.num_heads * c.head_dim + 2 * kv_width) * attention_bytes + 4 * c.intermediate_size * compute_bytes)
     tokens = micro_batch * (prompt_tokens + new_tokens)  # at most: a group's prompt is in fact run once
     per_layer = 4 * c.hidden_size + 4 * c.intermediate_size + 4 * c.num_heads * c.head_dim + 2 * kv_width
     outside = 2 * c.hidden_size + 2 * c.head_dim  # the embedding's output and final norm; RoPE's cos and sin
     if grad_checkpointing:
         floats = tokens * (c.hidden_size * c.num_layers + outside + per_layer)
+        hidden, blocks = tokens * c.hidden_size * (c.num_layers + 4 + 2), 1  # block inputs, one block's, outside
     else:
         floats = tokens * (per_layer * c.num_layers + outside)
+        hidden, blocks = tokens * c.hidden_size * (4 * c.num_layers + 2), c.num_layers
+    activation_bytes = floats * compute_bytes
+    if not lora_rank and weight_bytes > compute_bytes:
+        # fp32 weights under bf16 autocast: the embedding's output, hence the residual stream and the norms
+        # that read it, stay fp32, and the linear layers save bf16 casts of them besides (measured with
+        # saved-tensor hooks, tests/test_memory.py; counting all in bf16 left a bf16 SFT of SmolLM2-135M
+        # 8% over its plan)
+        activation_bytes += hidden * (weight_bytes - compute_bytes) + tokens * 4 * c.hidden_size * blocks * compute_bytes
+    if cpu:  # a 16-bit run attends in fp32 on a CPU (model.cpu_attention), which saves fp32 copies
+        activation_bytes += tokens * blocks * (4 * c.num_heads * c.head_dim + 2 * kv_width) * (4 - compute_bytes)
     n_block = sum(p.numel() for p in model.layers[0].parameters())
     n_root = n_all - c.num_layers * n_block  # embedding, final norm, head: FSDP's root unit, in its own dtype
     n_root_trained = n_train - sum(p.numel() for p in model.layers.parameters() if p.requires_grad)
@@ -134,7 +166,7 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         parameters=n_all, trainable=n_train, weights=_split(weights, shards),
         gradients=_split(n_train * train_bytes, shards), optimizer=_split(2 * n_train * train_bytes, shards),
         reference=_split(n_all * compute_bytes, shards) if beta > 0 else 0,
-        kv_cache=kv_cache, eval_kv_cache=eval_kv_cache, activations=floats * compute_bytes,
+        kv_cache=kv_cache, eval_kv_cache=eval_kv_cache, eval_pass=eval_pass, activations=activation_bytes,
         largest_activation=min(HEAD_CHUNK, tokens) * c.vocab_size * 4,
         # FSDP gathers weights in the compute dtype
         gathered_sampling=n_all * compute_bytes if shards > 1 else 0,
@@ -144,7 +176,7 @@ def plan_memory(config: ModelConfig, *, weight_bytes: int, compute_bytes: int, l
         # one process, fp32 weights under bf16 autocast: autocast keeps the bf16 copy of every weight it
         # casts until the step (train.py clears it after each optimizer step)
         autocast_copies=n_train * compute_bytes if shards == 1 and train_bytes > compute_bytes else 0,
-        teacher=teacher)
+        teacher=teacher, host=host)
 
 
 def _split(n_bytes: int, shards: int) -> int:
@@ -158,6 +190,14 @@ def teacher_bytes(config: ModelConfig, compute_bytes: int, rows: int, tokens: in
         n = sum(p.numel() for p in Transformer(config).parameters())
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * rows * tokens * compute_bytes
     return n * compute_bytes + kv
+
+
+def host_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux: /proc/self/statm; 0 where it cannot be read)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def device_bytes(device: str) -> int:

@@ -1,7 +1,7 @@
 """Running as one of N processes (torchrun): data parallel, and FSDP for models that outgrow one GPU.
 
 `Distributed` answers what the lesson asks of the other ranks (grpo.grpo_update's `ranks`: sums,
-the verdict on finiteness, shards); a run of one process gets bookkeeping.OneProcess instead, whose every
+the verdict on finiteness, shards); a run of one process gets grpo.OneProcess instead, whose every
 answer is trivial.
 
 Data parallel (the default under torchrun): every rank holds the whole model, samples its share of a
@@ -49,7 +49,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from plumbing.bookkeeping import OneProcess
+from grpo import OneProcess
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Distributed:
 
 
 def setup_distributed(device: str, fsdp: bool = False):
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs; one process gets bookkeeping.OneProcess."""
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPUs, gloo on CPUs; one process gets grpo.OneProcess."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 and not fsdp:
         return OneProcess(device=device)

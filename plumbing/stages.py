@@ -51,7 +51,7 @@ from plumbing.experiment import (
     memory_plan,
     trace_fidelity,
 )
-from plumbing.memory import device_bytes, fits, prompt_length
+from plumbing.memory import device_bytes, fits, host_bytes, prompt_length
 from plumbing.parallel import end_distributed, setup_distributed, shard
 from plumbing.readers import DataError
 from plumbing.report import (
@@ -80,7 +80,7 @@ class Setup:
     weights_dtype: torch.dtype  # the weights' (fp32 master weights with --master-weights fp32)
     compute_dtype: torch.dtype  # autocast's, when it differs from weights_dtype
     stop: GracefulStop
-    ranks: object  # bookkeeping.OneProcess, or parallel.Distributed under torchrun
+    ranks: object  # grpo.OneProcess, or parallel.Distributed under torchrun
     task: TaskData
     tok: Tokenizer
     tok_dir: Path  # where the tokenizer files are read from, and copied into every checkpoint
@@ -184,7 +184,8 @@ def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, 
                 rating_tokens(tok, task.scale)
             except ValueError as e:  # a rating that is not one token, or half stars
                 fail(str(e))
-        plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world)
+        plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world,
+                           host=host_bytes() if device == "cpu" else 0, cpu=device == "cpu")  # RAM: the device's
         if ranks.rank == 0:
             print(plan.describe())
             print(evaluation_plan(cfg, task, prompt_length([prompter(e) for e in task.train[:256]])))

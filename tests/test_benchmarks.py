@@ -237,7 +237,27 @@ def test_bench_bf16_quick(capsys):
     precision (8 bits of mantissa: ~1e-2 on logits of order 1)."""
     import bench_bf16
 
-    results, diff = bench_bf16.main(["--quick", "--threads", "1"])
-    assert set(results) == {"fp32", "bf16"} and all(t > 0 for pair in results.values() for t in pair)
+    results, diff = bench_bf16.main(["--quick", "--threads", "1", "--profile"])
+    assert set(results) == {"fp32", "bf16 autocast", "bf16 weights"}
+    assert all(t > 0 for times in results.values() for t in times)
+    for sampling, update, whole, _ in results.values():
+        assert whole == sampling + update
     assert 0 < diff < 0.05
-    assert "| one GRPO step" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| one GRPO step, whole" in out and "by operator" in out and "aten::" in out
+
+
+def test_memory_plan_against_the_peak_of_a_tiny_run():
+    """benchmarks/memory_rss.py --quick in its own process (its peak resident memory is its own): each
+    phase's measured peak within a margin of the plan. The margin is what a tiny model's plan cannot
+    see (allocator pools, thread stacks: tens of MB); before the plan counted the process's own memory
+    (Python, torch), it planned a few MB for a process holding hundreds."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_rss.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "GiB" not in line]
+    assert len(rows) == 4, out
+    for phase, measured, planned, ratio in rows:
+        assert 0.8 <= float(ratio) <= 1.3, (phase, measured, planned)

@@ -373,8 +373,10 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
                 "--out", str(tmp_path / "o")])
     assert seen == [0.25]
 
-    # far too small to train (~290 MiB), enough to score (weights and the evaluation's KV cache, ~3 MiB)
-    monkeypatch.setattr(stages, "device_bytes", lambda device: 4 * 1024**2)
+    # far too small to train (~290 MiB), enough to score (weights, the evaluation's KV cache and prefill:
+    # tens of MiB), the process's own memory aside
+    monkeypatch.setattr(stages, "host_bytes", lambda: 0)
+    monkeypatch.setattr(stages, "device_bytes", lambda device: 64 * 1024**2)
     train.main(["--resume", str(tiny_run / "checkpoint"), "--eval-only", "--out", str(tmp_path / "e")])
     assert "| model" in capsys.readouterr().out
 
