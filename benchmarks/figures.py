@@ -115,7 +115,7 @@ def real_ratings(folder: Path, to: Path) -> Path:
     summary = json.loads((folder / "summary.json").read_text())
     seeds = summary["seeds"]
     methods = list(dict.fromkeys(m for s in seeds for m in s["methods"]))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for k, name in enumerate(methods):
         values = [s["methods"][name]["mae"] for s in seeds if name in s["methods"]]
         left.scatter(values, [k] * len(values), color="tab:blue", s=25)
@@ -134,8 +134,9 @@ def real_ratings(folder: Path, to: Path) -> Path:
     right.axvline(0, color="black", lw=0.8)
     right.set_yticks(range(len(pairs)), pairs, fontsize=8)
     right.invert_yaxis()
-    right.set(xlabel="MAE difference a - b, 95% paired bootstrap interval (left of 0: a is better)",
-              title="Paired comparisons on the same test ratings")
+    right.xaxis.set_major_locator(plt.MaxNLocator(5))
+    right.set(xlabel="MAE of a - MAE of b, 95% paired interval (< 0: a is better)",
+              title="a - b on the same test ratings")
     right.legend(frameon=False)
     fig.tight_layout()
     return save(fig, to / "real_ratings.png", plt)
