@@ -117,9 +117,8 @@ def main(argv=None):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = base.logits(base(ids)).float()
     diff = (fp32 - bf16).abs().max().item()
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    found = ", ".join(sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"}))
-    units = f"bf16 matrix units: {found}" if cpu_bf16_units() else "no bf16 matrix units"
+    found = cpu_bf16_units()
+    units = f"bf16 matrix units: {', '.join(found)}" if found else "no bf16 matrix units"
     print(f"{cpu_name()} ({units}), {args.threads} threads, {shape['num_layers']} layers:\n")
     print("| workload | fp32 s | bf16 autocast s | bf16 weights s | fp32 / autocast | fp32 / bf16 weights |\n"
           "|---|---|---|---|---|---|")

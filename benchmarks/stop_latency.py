@@ -37,7 +37,8 @@ def stop_during(flags: list[str], bar: str, nth: int, out: Path, threads: int = 
                 wait: float = 3.0) -> tuple[float, int, str]:
     """Run train.py, SIGINT it `wait` s after the nth appearance of `bar` in its stderr; (seconds to exit
     after the signal, exit code, last line of stderr)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG, *flags, "--threads", str(threads), "--out", str(out)], cwd=ROOT,
+    cmd = [sys.executable, str(ROOT / "train.py"), *LONG, *flags, "--threads", str(threads), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     lines, sent = [], {}
 

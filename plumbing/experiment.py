@@ -23,7 +23,7 @@ from model import CheckpointError, ModelConfig, Tokenizer, Transformer
 from plumbing.baselines import fit_baselines
 from plumbing.checkpoints import load_config, load_model
 from plumbing.cli import RunConfig, fail, lora_targets
-from plumbing.memory import MemoryPlan, plan_memory, prompt_length, teacher_bytes
+from plumbing.memory import MemoryPlan, host_bytes, plan_memory, prompt_length, teacher_bytes
 from plumbing.parallel import Distributed
 from plumbing.readers import load_ratings
 from plumbing.report import EVAL_BATCH
@@ -184,10 +184,10 @@ def trace_fidelity(cfg: RunConfig, task: TaskData) -> TraceFidelity | None:
 
 
 def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: TaskData, weight_dtype,
-                compute_dtype, world: int, host: int = 0, cpu: bool = False) -> MemoryPlan:
+                compute_dtype, world: int, device: str = "cuda") -> MemoryPlan:
     """The memory plan (plumbing/memory.py) of this run, per process, with the longest of its first
-    256 training prompts; the --teacher model counts when this run's cold start will load it. host: what
-    the process holds already, when it shares the device's memory; cpu: a CPU run."""
+    256 training prompts; the --teacher model counts when this run's cold start will load it. On the CPU
+    the process's own memory counts too: the device's memory is its RAM."""
     prompt_tokens = prompt_length([prompter(e) for e in task.train[:256]])
     teacher = 0
     if cfg.mode == "recone" and not cfg.resume and not cfg.sft_traces and cfg.teacher != "heuristic":
@@ -198,8 +198,8 @@ def memory_plan(cfg: RunConfig, config: ModelConfig, prompter: Prompter, task: T
                        rows=cfg.prompts_per_step // world * cfg.samples, prompt_tokens=prompt_tokens,
                        new_tokens=cfg.max_new_tokens, micro_batch=cfg.micro_batch,
                        grad_checkpointing=cfg.grad_checkpointing, shards=world if cfg.fsdp else 1,
-                       teacher=teacher, eval_rows=min(EVAL_BATCH, -(-len(task.test) // world)), host=host,
-                       cpu=cpu)
+                       teacher=teacher, eval_rows=min(EVAL_BATCH, -(-len(task.test) // world)),
+                       host=host_bytes() if device == "cpu" else 0, cpu=device == "cpu")
 
 
 def evaluation_plan(cfg: RunConfig, task: TaskData, prompt_tokens: int) -> str:

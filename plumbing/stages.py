@@ -51,7 +51,7 @@ from plumbing.experiment import (
     memory_plan,
     trace_fidelity,
 )
-from plumbing.memory import device_bytes, fits, host_bytes, prompt_length
+from plumbing.memory import device_bytes, fits, prompt_length
 from plumbing.parallel import end_distributed, setup_distributed, shard
 from plumbing.readers import DataError
 from plumbing.report import (
@@ -125,15 +125,15 @@ def session(cfg: RunConfig):
         fail(str(e))
 
 
-def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX or AVX512-BF16; Arm's BF16 extension), read from
-    the kernel's CPU flags: the same answer every time, unlike timing a matmul, so a run's dtype (and its
-    numbers) do not depend on how busy the machine was when it started."""
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """This CPU's bf16 matrix units (Intel AMX or AVX512-BF16; Arm's BF16 extension) by their flag names,
+    empty when it has none, read from the kernel's CPU flags: the same answer every time, unlike timing a
+    matmul, so a run's dtype (and its numbers) do not depend on how busy the machine was when it started."""
     try:
         flags = set(Path(cpuinfo).read_text().split())
     except OSError:  # not Linux: assume none
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+        return []
+    return sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 def auto_dtype(device: str, demo: bool) -> torch.dtype:
@@ -184,8 +184,7 @@ def build(cfg: RunConfig, out: Path, device: str, weights_dtype, compute_dtype, 
                 rating_tokens(tok, task.scale)
             except ValueError as e:  # a rating that is not one token, or half stars
                 fail(str(e))
-        plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world,
-                           host=host_bytes() if device == "cpu" else 0, cpu=device == "cpu")  # RAM: the device's
+        plan = memory_plan(cfg, config, prompter, task, weights_dtype, compute_dtype, ranks.world, device)
         if ranks.rank == 0:
             print(plan.describe())
             print(evaluation_plan(cfg, task, prompt_length([prompter(e) for e in task.train[:256]])))

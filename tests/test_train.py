@@ -13,7 +13,7 @@ from tiny_runs import TINY, metrics, varied_rewards
 
 import grpo
 import train
-from plumbing import bookkeeping, stages
+from plumbing import bookkeeping, experiment, stages
 from plumbing.checkpoints import load_model
 from plumbing.experiment import demo_model
 
@@ -375,7 +375,7 @@ def test_resume_details(tiny_run, tmp_path, monkeypatch, capsys):
 
     # far too small to train (~290 MiB), enough to score (weights, the evaluation's KV cache and prefill:
     # tens of MiB), the process's own memory aside
-    monkeypatch.setattr(stages, "host_bytes", lambda: 0)
+    monkeypatch.setattr(experiment, "host_bytes", lambda: 0)
     monkeypatch.setattr(stages, "device_bytes", lambda device: 64 * 1024**2)
     train.main(["--resume", str(tiny_run / "checkpoint"), "--eval-only", "--out", str(tmp_path / "e")])
     assert "| model" in capsys.readouterr().out
